@@ -1,0 +1,30 @@
+"""Shared test set-up: deterministic seeds and tiny model configs for every arch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zarvan_dist import ModelConfig
+
+TINY = dict(vocab_size=61, d_model=32, n_layers=2, n_heads=4, chunk_size=4, seq_norm=16.0,
+            conv_kernel=4, dilations=[1, 2], supervisor_chunk=4, attn_window=8, ef_cycles=1)
+
+
+def make_tiny_config(arch: str, **overrides) -> ModelConfig:
+    """A small config of ``arch`` that exercises chunk boundaries with short sequences."""
+    fields = dict(TINY, arch=arch)
+    if arch == "zephyra":
+        fields.update(embedding="adaptive", cutoffs=[8, 24])
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@pytest.fixture
+def tiny_config():
+    return make_tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
