@@ -131,8 +131,12 @@ class CausalLM(nn.Module):
         x = x + sinusoidal(positions, self.config.d_model).to(x.dtype)
         return self.drop(x)
 
-    def forward(self, input_ids: Tensor, state: RecurrentState | None = None, doc_start: Tensor | None = None) -> ModelOutput:
-        """input_ids [B, T] int64; doc_start [B, T] bool (state reset before those tokens)."""
+    def run_blocks(self, input_ids: Tensor, state: RecurrentState | None, doc_start: Tensor | None):
+        """Embedding and blocks, without the head.
+
+        Returns the last block's output [B, T, E], the per-document positions [B, T], the
+        resolved state (``init_state`` when None was given) and the new state as a dict.
+        """
         batch, length = input_ids.shape
         if state is None:
             state = self.init_state(batch, input_ids.device)
@@ -143,8 +147,12 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, block_state = block(x, state.sub(f"layers.{i}"), reset, positions)
             new_state.update({f"layers.{i}.{k}": v for k, v in block_state.items()})
-        logits = self.head(self.norm(x))
-        return ModelOutput(logits, RecurrentState(new_state))
+        return x, positions, state, new_state
+
+    def forward(self, input_ids: Tensor, state: RecurrentState | None = None, doc_start: Tensor | None = None) -> ModelOutput:
+        """input_ids [B, T] int64; doc_start [B, T] bool (state reset before those tokens)."""
+        x, _, _, new_state = self.run_blocks(input_ids, state, doc_start)
+        return ModelOutput(self.head(self.norm(x)), RecurrentState(new_state))
 
     # accounting
     def embedding_params(self) -> int:
