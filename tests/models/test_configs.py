@@ -33,7 +33,9 @@ def test_model_config_builds(path):
         model = build_model(cfg)
     target = {"125m": 125e6, "350m": 350e6, "1b": 1.3e9}[size]
     assert 0.6 * target <= model.num_params() <= 1.4 * target, model.num_params()
-    assert model.flops_per_token(2048) >= 6 * model.num_params(exclude_embedding=True)
+    # exact counts are per-arch hand-count tests; here a sanity bound (nonattn counts its
+    # once-per-chunk supervisor at 1/C of a token)
+    assert model.flops_per_token(2048) > 4 * model.num_params(exclude_embedding=True)
 
 
 def test_unknown_key_is_named(tmp_path):
