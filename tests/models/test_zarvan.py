@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from zarvan_dist import ModelConfig, build_model
 from zarvan_dist.models.zarvan import ZarvanBlock, ZarvanForSequenceClassification

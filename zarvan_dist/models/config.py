@@ -23,7 +23,7 @@ class ModelConfig:
     d_model: int = 256
     """Model width E."""
     n_layers: int = 4
-    """Number of blocks."""
+    """Number of blocks (slam: unused; its depth is 2 + 2 * ef_cycles)."""
     n_heads: int = 4
     """Heads h (attention heads; holistic / query-extractor heads for the Zarvan blocks)."""
     d_ff: int = 0
@@ -57,9 +57,10 @@ class ModelConfig:
     retrieval_len: int = 64
     """nonattn: tokens per retrieved neighbour (m)."""
     attn_window: int = 1024
-    """Attention baselines: keys visible to a query (itself included); the KV cache keeps this many."""
+    """Attention baselines (transformer, zephyra): keys visible to a query (itself included); the KV
+    cache keeps the attn_window - 1 tokens before a chunk. slam attends over its whole window."""
     ef_cycles: int = 2
-    """slam: number of encoder-fusion cycles."""
+    """slam: number of encoder-fusion cycles (blocks A and B each)."""
     num_classes: int = 0
     """Bidirectional classifiers (causal: false): number of classes."""
     pooled: bool = True
