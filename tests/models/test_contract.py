@@ -87,6 +87,19 @@ def test_no_logit_reads_the_future(arch, tiny_config):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_no_logit_reads_a_future_document_start(arch, tiny_config):
+    """Where a later document starts is content too: it must not reach earlier logits."""
+    model = build_model(tiny_config(arch)).eval()
+    ids = torch.randint(0, 61, (2, 29))
+    base = model(ids, doc_start=torch.zeros_like(ids, dtype=torch.bool)).logits
+    for t in (5, 16, 28):
+        doc_start = torch.zeros_like(ids, dtype=torch.bool)
+        doc_start[:, t] = True
+        logits = model(ids, doc_start=doc_start).logits
+        assert torch.equal(logits[:, :t], base[:, :t]), f"a document start at {t} changed earlier logits"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_document_start_resets_the_row(arch, tiny_config):
     model = build_model(tiny_config(arch)).eval()
     doc_a, doc_b = torch.randint(0, 61, (1, 13)), torch.randint(0, 61, (1, 19))

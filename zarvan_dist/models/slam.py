@@ -13,21 +13,22 @@ the overlap takes the mean of both; a final block. Interpretation choices of thi
   over the concatenation exactly; the order of the segments inside the concatenation has no
   effect (nor in the published form: bidirectional attention is permutation-equivariant).
   ``tests/models/test_slam.py`` checks this against the literal concatenation in float64.
-* The split is per document segment of the window: a segment of n tokens has the overlap
-  [floor(0.4 n), n - floor(0.4 n)), so both "60%" segments have ceil(0.6 n) tokens and together
-  cover every position for any n >= 1 (the published split with int(0.6 T) and int(0.4 T) fails
-  when they do not add up to T). A document that follows another in a row gets the logits it
-  gets alone.
+* The split is per document: a token whose document started at window index s splits the
+  n = T - s tokens from s to the window's end, with the overlap [floor(0.4 n), n - floor(0.4 n)),
+  so both "60%" segments have ceil(0.6 n) tokens and together cover every position for any
+  n >= 1 (the published split with int(0.6 T) and int(0.4 T) fails when they do not add up to T).
+  n is measured to the window's end, not to the next document start: where a later document
+  starts is content the token must not see. A document that ends the row (the last one, whose
+  n is its length) gets the logits it gets alone.
 * Blocks are post-norm as published: ``x = LN(x + Attn(x)); x = LN(x + FFN(x))``; attention
   spans the whole prefix inside the window (published: full self-attention; ``attn_window`` is
   not used), dropout is on the residual branches (once per position, not per copy).
 * Depth is set by ``ef_cycles`` as published: 2 + 2 * ef_cycles blocks; ``n_layers`` is unused.
 
-No state across windows: the split of a token's document segment depends on how many tokens of
-it the window holds (a count, never the content of a later token, so no logit reads the future),
-so a token's logits depend on where the window ends and a chunked pass cannot equal one pass.
-SLAM is therefore exempt from the streaming-equivalence test; its state is the shell's position
-counter only.
+No state across windows: a token's split depends on how far its window extends (the window
+length, never the content of a later token, so no logit reads the future), so a token's logits
+depend on where the window ends and a chunked pass cannot equal one pass. SLAM is therefore
+exempt from the streaming-equivalence test; its state is the shell's position counter only.
 """
 
 from __future__ import annotations
@@ -40,15 +41,17 @@ from torch import Tensor, nn
 from zarvan_dist.models.common import CausalLM, FeedForward
 from zarvan_dist.models.config import ModelConfig
 from zarvan_dist.models.transformer import SelfAttentionProjections
-from zarvan_dist.ops.attention import document_ids, prefix_attention
+from zarvan_dist.ops.attention import prefix_attention
 from zarvan_dist.ops.segments import last_reset_index
 
 
 def fusion_split(reset: Tensor | None, batch: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Where each token falls in the EF split of its document segment inside the window.
+    """Where each token falls in the EF split of its document's part of the window.
 
-    A segment of n tokens is split at b = floor(0.4 n) and a = n - b: the first segment is
-    [0, a), the last is [b, n), the overlap [b, a).
+    A token whose document starts at window index s splits n = T - s tokens at b = floor(0.4 n)
+    and a = n - b: the first segment is [0, a), the last is [b, n), the overlap [b, a), in
+    positions counted from s. Only the document start (the past) and T enter, never a later
+    document start.
 
     Args:
         reset: [B, T] bool or None; True where a new document starts.
@@ -58,13 +61,10 @@ def fusion_split(reset: Tensor | None, batch: int, length: int, device: torch.de
             0 after it; block B gets 1 - weight_a).
         overlap: [B, T] bool, the token is in both segments.
     """
-    seg = document_ids(reset, batch, length, device)
-    sizes = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
-    sizes.scatter_add_(1, seg, torch.ones_like(seg))
-    n = sizes.gather(1, seg)
-    idx = torch.arange(length, device=device)
-    start = last_reset_index(reset).clamp(min=0) if reset is not None else torch.zeros_like(seg)
-    rank = idx - start  # position inside the document segment
+    idx = torch.arange(length, device=device).expand(batch, length)
+    start = last_reset_index(reset).clamp(min=0) if reset is not None else torch.zeros_like(idx)
+    rank = idx - start  # position inside the document
+    n = length - start
     b = (2 * n) // 5
     overlap = (rank >= b) & (rank < n - b)
     weight_a = torch.where(rank < b, 1.0, torch.where(overlap, 0.5, 0.0))
