@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import math
 
 import pytest
@@ -293,3 +295,13 @@ def test_learns_a_periodic_sequence(one_thread):
         losses.append(loss.item())
     start, end = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert start > 3.0 and end < 0.5, (start, end)
+
+
+def test_named_debug_size_hand_count():
+    cfg = ModelConfig.from_yaml(Path(__file__).parents[2] / "configs" / "models" / "nonattn-debug.yaml")
+    v, e, layers, k, c = cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.conv_kernel, cfg.supervisor_chunk
+    per_layer = (e * k + e) + (e * e + e) + len(cfg.dilations) * (3 * e * e + e)
+    supervisor = (6 * e * e + 6 * e) + e * e
+    model = build_model(cfg)
+    assert model.num_params() == v * e + layers * per_layer + supervisor + 2 * e + v * e
+    assert model.flops_per_token(2048) == pytest.approx(6 * (layers * per_layer + 2 * e + v * e + supervisor / c))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,10 +145,10 @@ def test_document_start_resets_the_row():
 
 
 def test_params_and_flops_hand_count():
-    for cycles in (0, 1, 2):
-        cfg = small_config(ef_cycles=cycles)
+    named = ModelConfig.from_yaml(Path(__file__).parents[2] / "configs" / "models" / "slam-debug.yaml")
+    for cfg in [small_config(ef_cycles=cycles) for cycles in (0, 1, 2)] + [named]:
         model = build_model(cfg)
-        e, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
+        e, f, v, cycles = cfg.d_model, cfg.ffn_dim, cfg.vocab_size, cfg.ef_cycles
         block = 2 * e + (3 * e * e + 3 * e) + (e * e + e) + 2 * e + (e * f + f) + (f * e + e)
         blocks = 2 + 2 * cycles  # initial, A and B per cycle, final; n_layers is not used
         rest = blocks * block + 2 * e + v * e

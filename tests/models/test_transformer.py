@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 import random
 
 import pytest
@@ -204,3 +205,14 @@ def test_params_and_flops_hand_count(arch):
     for seq_len in (WINDOW - 3, WINDOW, 100):
         attention = 12 * layers * e * min(seq_len, WINDOW)
         assert model.flops_per_token(seq_len) == 6 * rest + attention
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_named_debug_size_hand_count(arch):
+    cfg = ModelConfig.from_yaml(Path(__file__).parents[2] / "configs" / "models" / f"{arch}-debug.yaml")
+    tables, rest = hand_count(cfg)
+    model = build_model(cfg)
+    assert model.num_params() == tables + rest
+    assert model.num_params(exclude_embedding=True) == rest
+    attention = 12 * cfg.n_layers * cfg.d_model * min(2048, cfg.attn_window)
+    assert model.flops_per_token(2048) == 6 * rest + attention
