@@ -1,0 +1,170 @@
+"""Command line of the data jobs: ``python -m data_prep {tokenizer,shards,verify,inspect} --help``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from data_prep import DataPrepError
+from data_prep.corpus import DEFAULT_EXTENSIONS, CorpusConfig, CorpusStats
+from data_prep.inspection import describe_dataset, show_window
+from data_prep.shards import ShardsConfig, write_shards
+from data_prep.tokenizer import TRAIN_THREADS, TokenizerConfig, train_tokenizer
+from data_prep.verify import verify_dataset
+from zarvan_dist.config import ConfigError
+from zarvan_dist.data.manifest import SPLITS
+from zarvan_dist.data.reader import WindowReader
+from zarvan_dist.data.shards import DatasetError
+
+
+def _corpus_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("corpus")
+    g.add_argument("--input", nargs="+", default=[], metavar="URL",
+                   help="fsspec URLs, globs or directories (/data, file:///data/*.txt, memory://c, "
+                        "s3://bucket/prefix). .jsonl/.jsonl.gz: one document per line; any other file: "
+                        "one document. Default: this Python's standard library *.py files")
+    g.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+    g.add_argument("--extensions", nargs="+", default=DEFAULT_EXTENSIONS, metavar="SUFFIX",
+                   help="suffixes taken when walking a directory (explicit files and glob matches are "
+                        "always taken; default: common text and code suffixes)")
+    g.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (input order)")
+    g.add_argument("--skip-bad-json", action="store_true",
+                   help="skip and count malformed JSON lines instead of stopping at the first")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def _corpus(args: argparse.Namespace) -> CorpusConfig:
+    return CorpusConfig(inputs=args.input, text_field=args.text_field, extensions=args.extensions,
+                        max_docs=args.max_docs, skip_bad_json=args.skip_bad_json)
+
+
+def _print_corpus(stats: CorpusStats) -> None:
+    skipped = ", ".join(f"{reason} {n}" for reason, n in stats.skipped.items()) or "none"
+    print(f"corpus: {stats.description}")
+    print(f"  {stats.files} files read, {stats.documents} documents; skipped: {skipped}")
+    print(f"  undecodable: {stats.undecodable_sequences} byte sequences replaced with U+FFFD "
+          f"in {stats.undecodable_documents} documents")
+
+
+def run_tokenizer(args: argparse.Namespace) -> None:
+    cfg = TokenizerConfig(out=args.out, vocab_size=args.vocab_size, corpus=_corpus(args),
+                          model_type=args.model_type, seed=args.seed, sample_bytes=args.sample_bytes,
+                          threads=args.threads)
+    s = train_tokenizer(cfg, progress=not args.quiet)
+    _print_corpus(s["corpus"])
+    print(f"trained {s['model_type']} vocab {s['vocab_size']} on {s['sample_documents']} documents "
+          f"({s['sample_bytes']:,} bytes) in {s['seconds']:.1f} s")
+    print(f"wrote {s['out']} sha256 {s['sha256']}")
+
+
+def run_shards(args: argparse.Namespace) -> None:
+    cfg = ShardsConfig(tokenizer=args.tokenizer, out=args.out, seq_len=args.seq_len, corpus=_corpus(args),
+                       workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
+                       windows_per_shard=args.windows_per_shard, overwrite=args.overwrite)
+    s = write_shards(cfg, progress=not args.quiet)
+    _print_corpus(s["corpus"])
+    print(f"{'split':<8}{'documents':>12}{'tokens':>16}{'windows':>12}{'shards':>8}{'kept':>6}{'tail dropped':>14}")
+    for name in SPLITS:
+        t = s["splits"][name]
+        print(f"{name:<8}{t['documents']:>12,}{t['tokens']:>16,}{t['windows']:>12,}{t['shards']:>8}"
+              f"{t['kept_shards']:>6}{t['tail_tokens']:>14}")
+    rate = s["tokens_encoded"] / s["seconds"]
+    print(f"encoded {s['tokens_encoded']:,} tokens in {s['seconds']:.1f} s ({rate:,.0f} tokens/s) "
+          f"with {cfg.workers} worker(s); wrote {s['output']}")
+
+
+def run_verify(args: argparse.Namespace) -> None:
+    t = verify_dataset(args.dir, progress=not args.quiet)
+    print(f"ok: {t['shards']} shards, {t['windows']:,} windows, {t['tokens']:,} tokens, "
+          f"{t['bytes']:,} bytes match the manifest")
+
+
+def run_inspect(args: argparse.Namespace) -> None:
+    reader = WindowReader(args.dir)
+    print(describe_dataset(reader))
+    print(show_window(reader, args.split, args.window, ids=args.ids))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``data_prep`` argument parser, one sub-command per job."""
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="Offline data jobs: train a tokenizer, write token shards, verify and inspect them.",
+    )
+    jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
+    corpus = _corpus_parser()
+
+    p = jobs.add_parser(
+        "tokenizer", parents=[corpus], help="train a sentencepiece tokenizer",
+        description="Train a lossless sentencepiece model (identity normalisation, whitespace kept, "
+                    "byte fallback; UNK 0, BOS 1, EOS 2, PAD 3) on a seeded sample of the corpus.",
+    )
+    p.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (> 260: 256 byte pieces + 4 specials)")
+    p.add_argument("--out", required=True, metavar="PATH", help="fsspec URL of the model, e.g. data/tokenizer.model")
+    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe", help="algorithm (default: bpe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document sample (default: 0)")
+    p.add_argument("--sample-bytes", type=int, default=100_000_000,
+                   help="bytes of text to train on, whole documents in seeded order (default: 1e8)")
+    p.add_argument("--threads", type=int, default=TRAIN_THREADS,
+                   help=f"training threads (default: {TRAIN_THREADS} on every machine: the trained model "
+                        f"depends on this number, so keep it to reproduce a model)")
+    p.set_defaults(run=run_tokenizer)
+
+    p = jobs.add_parser(
+        "shards", parents=[corpus], help="tokenize the corpus into WebDataset shards",
+        description="Shuffle documents with a seed, split train/val by a hash of each document, "
+                    "tokenize in worker processes and write DIR/{train,val}/shard-NNNNNN.tar (one "
+                    "window of seq_len + 1 tokens per sample), DIR/{train,val}/documents.jsonl, "
+                    "DIR/tokenizer.model and, last, DIR/manifest.json. Re-running after a kill "
+                    "resumes and ends byte-identical to an uninterrupted run.",
+    )
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="fsspec URL of the sentencepiece model")
+    p.add_argument("--out", required=True, metavar="DIR", help="fsspec URL of the dataset directory")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per training window (a sample holds seq_len + 1)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1; output does not depend on it)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="expected fraction of documents in val, 0 for none (default: 0.01)")
+    p.add_argument("--windows-per-shard", type=int, default=None,
+                   help="windows per shard (default: about 2**25 tokens per shard)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset or unfinished run of another configuration in DIR")
+    p.set_defaults(run=run_shards)
+
+    p = jobs.add_parser(
+        "verify", help="check every shard against the manifest",
+        description="Check each shard's size, sha256, samples, window and token counts (and the "
+                    "tokenizer copy and documents lists) against DIR/manifest.json; stop at the first "
+                    "mismatch, naming the file, with exit status 1.",
+    )
+    p.add_argument("dir", metavar="DIR", help="fsspec URL of the dataset directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=run_verify)
+
+    p = jobs.add_parser(
+        "inspect", help="print manifest totals and decode a window",
+        description="Print the dataset's totals and decode one window back to text (<s> marks a BOS).",
+    )
+    p.add_argument("dir", metavar="DIR", help="fsspec URL of the dataset directory")
+    p.add_argument("--window", type=int, default=0, help="window to decode (default: 0)")
+    p.add_argument("--ids", action="store_true", help="also print the window's token ids")
+    p.add_argument("--split", choices=SPLITS, default="train", help="split of the window (default: train)")
+    p.set_defaults(run=run_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one job; a job error prints ``error: ...`` and returns 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DataPrepError, ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

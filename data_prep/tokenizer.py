@@ -1,0 +1,199 @@
+"""The sentencepiece tokenizer: lossless training set-up, loading, and batch encoding of documents.
+
+The model never changes text before splitting it (identity normalisation, whitespace kept as is,
+no dummy prefix) and spells any character outside its vocabulary as UTF-8 byte pieces, so
+``decode(encode_documents(text)) == text`` for every string. Ids: UNK 0, BOS 1, EOS 2, PAD 3.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import fsspec
+import numpy as np
+import sentencepiece as spm
+
+from data_prep import DataPrepError
+from data_prep.corpus import CorpusConfig, read_corpus, seeded_permutation
+from data_prep.storage import put_atomic
+from zarvan_dist.config import ConfigError
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+# sentencepiece skips training sentences longer than max_sentence_length bytes; documents are cut
+# into pieces of at most this size for training so that none is dropped.
+TRAIN_PIECE_BYTES = 4096
+# sentencepiece turns every space into U+2581 and decodes U+2581 back to a space, so a literal
+# U+2581 in the text would come back as a space; it is spelled as its UTF-8 byte pieces instead.
+_META = "\u2581"
+# A trained model must give back this many sampled documents exactly before it is written.
+_CHECKED_DOCS = 64
+# sentencepiece's trained model depends on its thread count, so the default is a fixed number
+# rather than the machine's core count: the same command gives the same model everywhere.
+TRAIN_THREADS = 16
+
+
+@dataclass
+class TokenizerConfig:
+    """Settings of the ``tokenizer`` job."""
+
+    out: str
+    """fsspec URL the model file is written to (``.../tokenizer.model``)."""
+    vocab_size: int
+    """Pieces in the vocabulary, the 4 special ids and 256 byte pieces included."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Documents to sample the training text from."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    """sentencepiece algorithm."""
+    seed: int = 0
+    """Seed of the document sample (and of sentencepiece's own sampling)."""
+    sample_bytes: int = 100_000_000
+    """UTF-8 bytes of text to train on: whole documents in seeded order until this is reached."""
+    threads: int = TRAIN_THREADS
+    """Training threads; the model depends on this number, not on the machine's cores."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size <= 256 + 4:
+            raise ConfigError(f"vocab_size: {self.vocab_size} leaves no room beyond the 256 byte pieces and 4 special ids")
+        if self.sample_bytes < 1:
+            raise ConfigError(f"sample_bytes: expected a positive integer, got {self.sample_bytes}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer, got {self.seed}")
+        if self.threads < 1:
+            raise ConfigError(f"threads: expected a positive integer, got {self.threads}")
+
+
+def training_pieces(texts: list[str], limit: int = TRAIN_PIECE_BYTES) -> Iterator[str]:
+    """The texts cut for training: whole lines (newlines kept) grouped up to ``limit`` UTF-8 bytes.
+
+    A line longer than ``limit`` is cut every ``limit // 4`` characters (a character is at most 4
+    bytes), so every piece fits and all text reaches the trainer.
+    """
+    for text in texts:
+        group, size = [], 0
+        for line in text.splitlines(keepends=True):
+            n = len(line.encode("utf-8"))
+            if size + n > limit and group:
+                yield "".join(group)
+                group, size = [], 0
+            if n > limit:
+                step = limit // 4
+                yield from (line[i:i + step] for i in range(0, len(line), step))
+                continue
+            group.append(line)
+            size += n
+        if group:
+            yield "".join(group)
+
+
+def train_tokenizer(cfg: TokenizerConfig, progress: bool = True) -> dict:
+    """Train a sentencepiece model on a seeded sample of the corpus and write it to ``cfg.out``.
+
+    Returns a summary: documents read and sampled, sample bytes, vocabulary size, seconds.
+    """
+    start = time.perf_counter()
+    docs, stats = read_corpus(cfg.corpus, progress)
+    if not docs:
+        raise DataPrepError(f"no documents to train on ({stats.description}; skipped: {stats.skipped})")
+    sample, size = [], 0
+    for i in seeded_permutation(len(docs), cfg.seed):
+        if size >= cfg.sample_bytes:
+            break
+        sample.append(docs[i].text)
+        size += len(docs[i].text.encode("utf-8"))
+    model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_pieces(sample),
+            model_writer=model,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            max_sentence_length=TRAIN_PIECE_BYTES,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=PAD_ID,
+            num_threads=cfg.threads,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise DataPrepError(
+            f"sentencepiece could not train a {cfg.model_type} model of vocab size {cfg.vocab_size} "
+            f"on {size} bytes: {exc}"
+        ) from None
+    data = model.getvalue()
+    sp = _processor(data, cfg.out)
+    for text in sample[:_CHECKED_DOCS]:
+        if sp.decode(encode_documents(sp, [text], "uint32")[0].tolist()) != text:
+            raise DataPrepError(f"the trained model does not reproduce a sampled document; not writing {cfg.out}")
+    put_atomic(*fsspec.core.url_to_fs(cfg.out), data)
+    return {
+        "out": cfg.out,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "corpus": stats,
+        "sample_documents": len(sample),
+        "sample_bytes": size,
+        "vocab_size": sp.get_piece_size(),
+        "model_type": cfg.model_type,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def load_tokenizer(url: str) -> tuple[spm.SentencePieceProcessor, bytes]:
+    """The processor and raw bytes of the model at ``url``, checked to be a lossless set-up."""
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError) as exc:
+        raise DataPrepError(f"cannot read tokenizer {url}: {exc}") from None
+    return _processor(data, url), data
+
+
+def _processor(data: bytes, url: str) -> spm.SentencePieceProcessor:
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=data)
+    except (RuntimeError, OSError) as exc:
+        raise DataPrepError(f"{url}: not a sentencepiece model: {exc}") from None
+    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())
+    if ids != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):
+        raise DataPrepError(f"{url}: special ids (unk, bos, eos, pad) are {ids}, expected (0, 1, 2, 3)")
+    if not all(sp.is_byte(sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256)):
+        raise DataPrepError(f"{url}: the model has no byte fallback, so it cannot encode every text")
+    return sp
+
+
+def encode_documents(sp: spm.SentencePieceProcessor, texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Encode documents, each led by BOS, in one batch call.
+
+    Returns (tokens, lengths): tokens is the (sum(lengths),) concatenation in ``dtype``; lengths is
+    the (len(texts),) int64 token count of each document, its BOS included.
+    """
+    arrays = sp.encode(texts, add_bos=True, num_threads=1, out_type="numpy")
+    for i, text in enumerate(texts):
+        if _META in text:
+            arrays[i] = _encode_with_literal_meta(sp, text)
+    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+    return np.concatenate(arrays, dtype=dtype, casting="unsafe"), lengths
+
+
+def _encode_with_literal_meta(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
+    meta = [sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode("utf-8")]
+    ids = [BOS_ID]
+    for k, part in enumerate(text.split(_META)):
+        if k:
+            ids += meta
+        ids += sp.encode(part)
+    return np.asarray(ids, dtype=np.int32)
+

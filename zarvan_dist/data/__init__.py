@@ -1,0 +1,26 @@
+"""Token-shard datasets: the manifest, the shard layout, and a reader that maps windows to shards."""
+
+from zarvan_dist.data.manifest import (
+    SPLITS,
+    Manifest,
+    ShardEntry,
+    SplitEntry,
+    Splits,
+    TokenizerEntry,
+    dtype_for_vocab,
+)
+from zarvan_dist.data.reader import WindowReader, register_fsspec_gopen
+from zarvan_dist.data.shards import DatasetError
+
+__all__ = [
+    "SPLITS",
+    "DatasetError",
+    "Manifest",
+    "ShardEntry",
+    "SplitEntry",
+    "Splits",
+    "TokenizerEntry",
+    "WindowReader",
+    "dtype_for_vocab",
+    "register_fsspec_gopen",
+]
