@@ -23,7 +23,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import fsspec
 import numpy as np
@@ -56,6 +56,9 @@ SHARD_TOKENS = 1 << 25
 # Documents sent to a worker per task: enough text that pickling costs little against encoding.
 _BATCH_CHARS = 1 << 20
 _BATCH_DOCS = 4096
+# With several workers, batches shrink towards the end (down to this size) so that no worker
+# idles while another finishes a large last batch; a small split is spread over all workers.
+_MIN_BATCH_CHARS = 1 << 16
 # Test hook: seconds to sleep after each completed shard, so a test can kill the job mid-run.
 _DELAY_ENV = "ZARVAN_DATA_PREP_SHARD_DELAY"
 
@@ -222,19 +225,19 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 @contextlib.contextmanager
 def _encoder(model: bytes, dtype: str, workers: int) -> Iterator[Callable]:
-    """A function mapping batches of texts to (tokens, lengths), results in input order.
+    """A function mapping a list of documents to their (tokens, lengths) per batch, in order.
 
     Results are taken in submission order, so the output does not depend on which worker
     finishes first; at most two batches per worker are in flight, which bounds memory.
     """
     if workers == 1:
         _init_worker(model, dtype)
-        yield lambda batches: map(_encode_batch, batches)
+        yield lambda docs: map(_encode_batch, document_batches(docs))
         return
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(model, dtype)) as pool:
-        def ordered(batches: Iterable[list[str]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def ordered(docs: list[Document]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             pending: deque = deque()
-            for batch in batches:
+            for batch in document_batches(docs, workers):
                 pending.append(pool.apply_async(_encode_batch, (batch,)))
                 if len(pending) >= 2 * workers:
                     yield pending.popleft().get()
@@ -244,14 +247,23 @@ def _encoder(model: bytes, dtype: str, workers: int) -> Iterator[Callable]:
         yield ordered
 
 
-def document_batches(docs: list[Document]) -> Iterator[list[str]]:
-    """The documents' texts in order, grouped into encoding tasks of about 1M characters."""
+def document_batches(docs: list[Document], workers: int = 1) -> Iterator[list[str]]:
+    """The documents' texts in order, grouped into encoding tasks of up to about 1M characters.
+
+    With several workers a batch holds at most 1/(4 * workers) of the characters still to come
+    (but at least 64K), so the last batches are small and every worker stays busy to the end.
+    """
+    remaining = sum(len(doc.text) for doc in docs) if workers > 1 else 0
     batch, chars = [], 0
     for doc in docs:
         batch.append(doc.text)
         chars += len(doc.text)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
+        limit = _BATCH_CHARS
+        if workers > 1:
+            limit = min(_BATCH_CHARS, max(_MIN_BATCH_CHARS, remaining // (4 * workers)))
+        if chars >= limit or len(batch) >= _BATCH_DOCS:
             yield batch
+            remaining -= chars
             batch, chars = [], 0
     if batch:
         yield batch
@@ -344,7 +356,7 @@ class _Writer:
         clock = time.perf_counter()
         bar = tqdm(total=len(docs), initial=first_doc, unit="doc", desc=name, disable=not self.progress)
         next_doc = first_doc
-        for tokens, lengths in encode(document_batches(docs[first_doc:])):
+        for tokens, lengths in encode(docs[first_doc:]):
             starts = end + np.concatenate(([0], np.cumsum(lengths)[:-1]))
             doc_ids = np.concatenate((doc_ids, np.arange(next_doc, next_doc + len(lengths))))
             doc_starts = np.concatenate((doc_starts, starts))
