@@ -12,33 +12,9 @@ import pytest
 import torch
 
 from zarvan_dist import ARCHS, RecurrentState, build_model
+from numerics import rel_err, random_splits, run_chunked
 
 STREAMING = [a for a in ARCHS if a != "slam"]  # slam carries no state across windows (its docstring)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-
-
-def random_splits(total: int, rng: random.Random) -> list[int]:
-    """Chunk sizes summing to ``total``, 1-token steps included."""
-    sizes = [1, 1]
-    while sum(sizes) < total:
-        sizes.append(rng.choice([1, 2, 3, 5, 7, 9, 13]))
-    sizes[-1] -= sum(sizes) - total
-    sizes = [s for s in sizes if s > 0]
-    rng.shuffle(sizes)
-    return sizes
-
-
-def run_chunked(model, ids, doc_start, sizes, detach: bool):
-    state, outs, start = model.init_state(ids.shape[0]), [], 0
-    for size in sizes:
-        out = model(ids[:, start:start + size], state, doc_start[:, start:start + size])
-        outs.append(out.logits)
-        state = out.state.detach() if detach else out.state
-        start += size
-    return torch.cat(outs, 1), state
 
 
 @pytest.mark.parametrize("arch", STREAMING)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from zarvan_dist.models import ModelConfig, build_model
 from zarvan_dist.models.common import sinusoidal
 from zarvan_dist.models.nonattn import NonAttnLM
+from numerics import rel_err
 
 VOCAB = 37
 C = 4  # supervisor chunk
@@ -38,10 +39,6 @@ def random_batch(batch: int, length: int, seed: int, reset_prob: float = 0.1):
 def random_neighbours(batch: int, length: int, seed: int, k: int = 2, m: int = 3):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, -(-length // C), k, m), generator=g)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 # an independent, token-by-token float64 statement of the model

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from zarvan_dist import ModelConfig, build_model
 from zarvan_dist.models.common import sinusoidal
 from zarvan_dist.models.slam import SlamBlock, SlamLM, fusion_split
+from numerics import rel_err
 
 VOCAB = 61
 
@@ -20,10 +21,6 @@ def small_config(**overrides) -> ModelConfig:
     fields = dict(arch="slam", vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, attn_window=8, ef_cycles=2)
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def random_model(**overrides) -> SlamLM:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from zarvan_dist import ModelConfig, build_model
 from zarvan_dist.models.common import AdaptiveInput, sinusoidal
 from zarvan_dist.models.transformer import TransformerLM
+from numerics import rel_err, random_splits, run_chunked
 
 ARCHS = ("transformer", "zephyra")
 VOCAB, WINDOW = 61, 8
@@ -24,33 +25,6 @@ def small_config(arch: str, **overrides) -> ModelConfig:
         fields.update(embedding="adaptive", cutoffs=[8, 24])
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def random_splits(total: int, rng: random.Random) -> list[int]:
-    """Chunk sizes summing to ``total``: 1-token steps and chunks longer than the window."""
-    sizes = [1, 1]
-    while sum(sizes) < total:
-        sizes.append(rng.choice([1, 2, 3, 5, 9, 13]))
-    sizes[-1] -= sum(sizes) - total
-    sizes = [s for s in sizes if s > 0]
-    rng.shuffle(sizes)
-    return sizes
-
-
-def run_chunked(model, ids, doc_start, sizes, detach: bool):
-    state, outs, start = model.init_state(ids.shape[0]), [], 0
-    shapes = {k: v.shape for k, v in state.items()}
-    for size in sizes:
-        out = model(ids[:, start:start + size], state, doc_start[:, start:start + size])
-        assert {k: v.shape for k, v in out.state.items()} == shapes  # fixed-size state
-        outs.append(out.logits)
-        state = out.state.detach() if detach else out.state
-        start += size
-    return torch.cat(outs, 1), state
 
 
 def reference_logits(model: TransformerLM, ids: torch.Tensor, doc_start: torch.Tensor) -> torch.Tensor:

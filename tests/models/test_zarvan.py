@@ -9,6 +9,7 @@ import torch
 
 from zarvan_dist import ModelConfig, build_model
 from zarvan_dist.models.zarvan import ZarvanBlock, ZarvanForSequenceClassification
+from numerics import rel_err
 
 
 def weights(block: ZarvanBlock) -> dict[str, torch.Tensor]:
@@ -91,10 +92,6 @@ def causal_block_loop(x, p, n_norm):
         cs.append(c)
     q_h = lin(torch.stack(q_h, 1), p, "W_comb")
     return block_tail(x, a, q_h, torch.stack(q_a, 1), torch.stack(cs, 1), n_norm, p)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def random_block(causal: bool, scale_scores: float = 1.0) -> ZarvanBlock:

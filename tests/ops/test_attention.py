@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from zarvan_dist.ops.attention import empty_kv_cache, prefix_attention, windowed_attention
+from numerics import rel_err, random_splits
 
 
 def naive_attention(q, k, v, reset, window=None, key_bias=None):
@@ -27,21 +28,6 @@ def naive_attention(q, k, v, reset, window=None, key_bias=None):
                 scores = scores + key_bias[b, keys].double()
             out[b, :, t] = (torch.softmax(scores, -1) @ v[b, :, keys])[:, 0]
     return out
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def random_splits(total: int, rng: random.Random) -> list[int]:
-    """Chunk sizes summing to ``total``, with 1-token steps and chunks longer than the window."""
-    sizes = [1, 1]
-    while sum(sizes) < total:
-        sizes.append(rng.choice([1, 2, 3, 5, 9, 17]))
-    sizes[-1] -= sum(sizes) - total
-    sizes = [s for s in sizes if s > 0]
-    rng.shuffle(sizes)
-    return sizes
 
 
 def chunked(q, k, v, reset, window, sizes):

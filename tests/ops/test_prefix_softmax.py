@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from zarvan_dist.ops import EMPTY_MAX, prefix_softmax_pool, prefix_sum
+from numerics import rel_err
 
 
 def reference_pool(scores, values, initial, reset):
@@ -34,10 +35,6 @@ def random_inputs(batch, length, width, score_dim, spread=4.0, with_state=True):
     else:
         initial = (torch.full((batch, score_dim), EMPTY_MAX), torch.zeros(batch, width), torch.zeros(batch, score_dim))
     return scores, values, initial, reset
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("score_dim", [1, 6])
