@@ -1,5 +1,6 @@
 """Token-shard datasets: the manifest, the shard layout, and a reader that maps windows to shards."""
 
+from zarvan_dist.data.lanes import LaneLayout
 from zarvan_dist.data.manifest import (
     SPLITS,
     Manifest,
@@ -15,6 +16,7 @@ from zarvan_dist.data.shards import DatasetError
 __all__ = [
     "SPLITS",
     "DatasetError",
+    "LaneLayout",
     "Manifest",
     "ShardEntry",
     "SplitEntry",
