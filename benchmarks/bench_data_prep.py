@@ -42,6 +42,11 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--max-docs", type=int, default=None, help="cap on documents (default: all)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    # The job's default shard (2**25 tokens) is larger than the whole embedded corpus (~9M
+    # tokens): the job would write its one shard after encoding ends, a serial tail that a real
+    # corpus, writing shards while the workers encode, does not have. 0 keeps the job's default.
+    p.add_argument("--windows-per-shard", type=int, default=512,
+                   help="windows per shard (default 512: about 18 shards on the embedded corpus; 0: the job's default)")
     p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the best is kept")
     args = p.parse_args()
 
@@ -75,9 +80,11 @@ def main() -> None:
             for workers in args.workers:
                 cfg = ShardsConfig(tokenizer=tokenizer, out=os.path.join(tmp, f"ds-{workers}-{r}"),
                                    seq_len=args.seq_len, workers=workers,
+                                   windows_per_shard=args.windows_per_shard or None,
                                    corpus=CorpusConfig(max_docs=args.max_docs))
                 cpu0, _encode_seconds[0] = _cpu_seconds(), 0.0
                 s = write_shards(cfg, progress=False)
+                shards = sum(split["shards"] for split in s["splits"].values())
                 wall[workers], cpu[workers] = min(wall[workers], s["seconds"]), min(cpu[workers], _cpu_seconds() - cpu0)
                 if workers == 1:
                     share = max(share, _encode_seconds[0] / s["seconds"])
@@ -87,7 +94,7 @@ def main() -> None:
               f"({cpu[0]:.2f} CPU s)")
         for workers in args.workers:
             rate = tokens / wall[workers]
-            print(f"shards job, {workers} worker(s): {wall[workers]:.2f} s = {rate:,.0f} tokens/s; per worker "
+            print(f"shards job, {workers} worker(s), {shards} shards: {wall[workers]:.2f} s = {rate:,.0f} tokens/s; per worker "
                   f"{rate / workers / raw:.2f} x raw encoding (wall clock); {cpu[workers]:.2f} CPU s = "
                   f"{cpu[0] / cpu[workers]:.2f} x raw encoding's CPU efficiency")
         if 1 in args.workers:
