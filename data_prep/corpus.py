@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import sysconfig
+import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -167,7 +168,8 @@ def _resolve_inputs(cfg: CorpusConfig, skipped: Counter[str]) -> list[tuple[fssp
     out, seen = [], set()
     for url in cfg.inputs:
         fs, path = url_to_fs(url)
-        if any(c in path for c in "*?["):
+        # a path that exists is taken literally, even with glob characters in its name
+        if any(c in path for c in "*?[") and not fs.exists(path):
             matches = sorted(fs.glob(path))
             if not matches:
                 raise DataPrepError(f"input {url}: no file matches this pattern")
@@ -254,7 +256,7 @@ def _jsonl_documents(
     if path.endswith(".gz"):
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise DataPrepError(f"cannot read input {url}: not a valid gzip file: {exc}") from None
     docs = []
     for lineno, raw in enumerate(data.split(b"\n"), start=1):

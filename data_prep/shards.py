@@ -18,10 +18,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -234,15 +235,23 @@ def _encoder(model: bytes, dtype: str, workers: int) -> Iterator[Callable]:
         _init_worker(model, dtype)
         yield lambda docs: map(_encode_batch, document_batches(docs))
         return
-    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(model, dtype)) as pool:
+    # concurrent.futures, not multiprocessing.Pool: when a worker dies (the OOM killer, a
+    # signal) the pending results raise BrokenProcessPool instead of waiting forever
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model, dtype)) as pool:
         def ordered(docs: list[Document]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
             pending: deque = deque()
-            for batch in document_batches(docs, workers):
-                pending.append(pool.apply_async(_encode_batch, (batch,)))
-                if len(pending) >= 2 * workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+            try:
+                for batch in document_batches(docs, workers):
+                    pending.append(pool.submit(_encode_batch, batch))
+                    if len(pending) >= 2 * workers:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            except BrokenProcessPool:
+                raise DataPrepError(
+                    "a tokenizer worker process died (killed by the system, e.g. out of memory?); "
+                    "re-run the same command to resume from the last complete shard"
+                ) from None
 
         yield ordered
 

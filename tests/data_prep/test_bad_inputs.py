@@ -92,3 +92,20 @@ def test_other_configuration_refused_unless_overwrite(make_shards, tmp_path, cap
     fresh = tmp_path / "fresh"
     make_shards(fresh, seq_len=16)
     assert read_tree(str(out)) == read_tree(str(fresh)), "nothing of the old dataset is left"
+
+
+def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
+    (tmp_path / "data[1].txt").write_text("the literal file\n")
+    (tmp_path / "data1.txt").write_text("what the pattern would match\n")
+    for url in (str(tmp_path / "data[1].txt"), f"file://{tmp_path}/data[1].txt"):
+        docs, _ = _read(url)
+        assert [d.text for d in docs] == ["the literal file\n"]
+
+
+def test_a_corrupt_gzip_stream_is_named(tmp_path):
+    good = gzip.compress(b'{"text": "one"}\n' * 50)
+    path = tmp_path / "broken.jsonl.gz"
+    path.write_bytes(good[:10] + b"\xff" * 8 + good[18:])  # valid header, invalid deflate block
+    with pytest.raises(DataPrepError, match=r"broken\.jsonl\.gz: not a valid gzip file"):
+        _read(path)
+

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
+import pytest
 
+import data_prep.shards as shards_module
+from data_prep import DataPrepError
 from data_prep.shards import PROGRESS_NAME
 from data_prep.tokenizer import encode_documents, load_tokenizer
 from prep_helpers import SEQ_LEN, WINDOWS_PER_SHARD, corpus_files, expected_documents, read_tree
@@ -89,10 +93,34 @@ def test_same_seed_same_bytes_other_seed_other_order(make_shards, tmp_path):
     assert a != c
 
 
-def test_one_and_three_workers_write_identical_datasets(make_shards, tmp_path):
+def test_one_and_three_workers_write_identical_datasets(make_shards, tmp_path, monkeypatch):
+    # small batches, so that several are in flight at once and the order of results matters
+    monkeypatch.setattr(shards_module, "_BATCH_CHARS", 2048)
+    monkeypatch.setattr(shards_module, "_MIN_BATCH_CHARS", 512)
+    submitted = []
+    batches = shards_module.document_batches
+
+    def counting(docs, workers=1):
+        for batch in batches(docs, workers):
+            submitted.append(workers)
+            yield batch
+
+    monkeypatch.setattr(shards_module, "document_batches", counting)
     make_shards(tmp_path / "one", workers=1)
     make_shards(tmp_path / "three", workers=3)
+    assert submitted.count(3) > 4 * 3  # more batches than the 2 per worker kept in flight
     assert read_tree(str(tmp_path / "one")) == read_tree(str(tmp_path / "three"))
+
+
+def _die(texts):
+    os._exit(3)  # a worker killed from outside (the OOM killer) looks the same to the job
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_worker_is_an_error_not_a_hang(make_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_module, "_encode_batch", _die)
+    with pytest.raises(DataPrepError, match="worker process died"):
+        make_shards(tmp_path / "out", workers=2)
 
 
 def test_rerun_repairs_corrupt_shard_and_removes_partial_temp_file(make_shards, tmp_path):
