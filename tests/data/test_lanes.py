@@ -60,11 +60,18 @@ def test_ranks_split_rows_and_cover_each_row_once_for_any_world_that_divides():
 
 
 def test_the_step_is_the_whole_cursor():
-    a, b = LaneLayout(200, 4, rotation_seed=1), LaneLayout(200, 4, rotation_seed=1)
-    replayed = [a.windows(s) for s in range(150)]
-    for s in (0, 49, 50, 123, 149):  # "resuming" at s needs nothing but s
-        w, r = b.windows(s)
-        assert np.array_equal(w, replayed[s][0]) and np.array_equal(r, replayed[s][1])
+    """Any step's windows follow from the step alone: DESIGN.md's closed form, no replay."""
+    layout = LaneLayout(num_windows=203, rows=4)
+    lane = layout.lane_len
+    for s in (0, 49, 50, 123, 149, 10_000):
+        windows, reset = layout.windows(s)
+        assert windows.tolist() == [j * lane + s % lane for j in range(4)]
+        assert reset.tolist() == [s % lane == 0] * 4
+    rotated = LaneLayout(num_windows=203, rows=4, rotation_seed=5)
+    epoch, k = divmod(777, lane)
+    offset = rotated.epoch_offset(epoch)
+    assert rotated.windows(777)[0].tolist() == [(offset + j * lane + k) % 203 for j in range(4)]
+    assert offset == 81  # pinned: the offsets must not change between versions (resume)
 
 
 def test_too_few_windows_is_a_clear_error():
@@ -72,3 +79,7 @@ def test_too_few_windows_is_a_clear_error():
         LaneLayout(num_windows=5, rows=8)
     with pytest.raises(ValueError, match="step"):
         LaneLayout(10, 2).windows(-1)
+    with pytest.raises(ValueError, match="rows"):
+        LaneLayout(100, 8).windows(0, range(6, 10))
+    with pytest.raises(ValueError, match="rotation_seed"):
+        LaneLayout(100, 8, rotation_seed=-1)

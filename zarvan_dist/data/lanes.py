@@ -32,6 +32,8 @@ class LaneLayout:
     """Seed of the per-epoch lane offset; None keeps every epoch's lanes at offset 0."""
 
     def __post_init__(self) -> None:
+        if self.rotation_seed is not None and self.rotation_seed < 0:
+            raise ValueError(f"rotation_seed: expected a non-negative integer or None, got {self.rotation_seed}")
         if self.rows < 1:
             raise ValueError(f"rows: expected a positive integer, got {self.rows}")
         if self.num_windows < self.rows:
@@ -49,7 +51,8 @@ class LaneLayout:
         """Window index where lane 0 starts in ``epoch``."""
         if self.rotation_seed is None or epoch == 0:
             return 0
-        return int(np.random.default_rng([self.rotation_seed, epoch]).integers(self.num_windows))
+        # plain integer hashing (splitmix64), so a library upgrade never moves a resumed run's lanes
+        return _splitmix64((self.rotation_seed << 32) ^ epoch) % self.num_windows
 
     def rank_rows(self, rank: int, world: int) -> range:
         """The global rows rank ``rank`` of ``world`` reads."""
@@ -71,9 +74,22 @@ class LaneLayout:
         if step < 0:
             raise ValueError(f"step: expected a non-negative integer, got {step}")
         rows = range(self.rows) if rows is None else rows
+        if rows.step != 1 or rows.start < 0 or rows.stop > self.rows:
+            raise ValueError(f"rows {rows} are not a contiguous range inside the {self.rows} rows")
         lane = self.lane_len
         epoch, k = divmod(step, lane)
         start = self.epoch_offset(epoch) + np.arange(rows.start, rows.stop, dtype=np.int64) * lane
         windows = (start + k) % self.num_windows
         reset = np.full(len(rows), k == 0) | ((windows == 0) & (k > 0))
         return windows, reset
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """The splitmix64 output for state ``x``: a well-mixed 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
