@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataPrepError, ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the system's own message names the file (no space, no permission, ...)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

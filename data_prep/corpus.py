@@ -3,8 +3,11 @@
 Inputs are fsspec URLs (``/data``, ``file:///data``, ``memory://c``, ``s3://bucket/p``), globs of
 them, or directories. A JSON-lines file (``.jsonl``, ``.jsonl.gz``) holds one document per line in
 a text field; any other file is one plain-text document. Documents come out in a fixed order:
-inputs as given, each glob or directory sorted, lines in file order. The whole corpus is held in
-memory as text, so a job's node needs RAM of about the corpus size.
+inputs as given, each glob or directory sorted, lines in file order. An existing path is taken
+literally; one that does not exist and holds ``*``, ``?`` or ``[`` is a glob. The whole corpus is
+held in memory as Python strings (1 to 4 bytes per character: one character beyond Latin-1 makes
+a whole document 4 bytes per character), so plan RAM of 1x (ASCII) to 4-6x (other text) the
+corpus size.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ from typing import Iterator
 
 import fsspec
 import numpy as np
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from data_prep import DataPrepError
+from data_prep.storage import filesystem
 from zarvan_dist.config import ConfigError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -167,7 +170,7 @@ def _resolve_inputs(cfg: CorpusConfig, skipped: Counter[str]) -> list[tuple[fssp
     """(filesystem, path) of every input file, in order, each file once."""
     out, seen = [], set()
     for url in cfg.inputs:
-        fs, path = url_to_fs(url)
+        fs, path = filesystem(url)
         # a path that exists is taken literally, even with glob characters in its name
         if any(c in path for c in "*?[") and not fs.exists(path):
             matches = sorted(fs.glob(path))

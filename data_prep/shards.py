@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, CorpusStats, Document, read_corpus, seeded_permutation
-from data_prep.storage import put_atomic
+from data_prep.storage import filesystem, put_atomic
 from data_prep.tokenizer import encode_documents, load_tokenizer
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import (
@@ -187,7 +187,7 @@ def write_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
         "tokenizer_sha256": hashlib.sha256(model).hexdigest(),
         "corpus_sha256": corpus_sha256(docs),
     }))
-    fs, root = fsspec.core.url_to_fs(cfg.out)
+    fs, root = filesystem(cfg.out)
     writer = _Writer(fs, root.rstrip("/"), cfg.out.rstrip("/"), cfg.seq_len, cfg.windows_per_shard, dtype, progress)
     state = writer.load_progress(job, cfg.overwrite)
     summary: dict[str, Any] = {"output": cfg.out, "corpus": stats, "splits": {}}

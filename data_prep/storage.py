@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import fsspec
 
+from data_prep import DataPrepError
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of ``url``; an unknown scheme or a missing driver
+    (s3fs for s3://, gcsfs for gs://) is an error naming the URL."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise DataPrepError(f"{url}: {exc}") from None
+
 
 def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` under a temporary name (``path + '.tmp'``), then rename it.

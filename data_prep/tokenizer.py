@@ -19,7 +19,7 @@ import sentencepiece as spm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, read_corpus, seeded_permutation
-from data_prep.storage import put_atomic
+from data_prep.storage import filesystem, put_atomic
 from zarvan_dist.config import ConfigError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -138,7 +138,7 @@ def train_tokenizer(cfg: TokenizerConfig, progress: bool = True) -> dict:
     for text in sample[:_CHECKED_DOCS]:
         if sp.decode(encode_documents(sp, [text], "uint32")[0].tolist()) != text:
             raise DataPrepError(f"the trained model does not reproduce a sampled document; not writing {cfg.out}")
-    put_atomic(*fsspec.core.url_to_fs(cfg.out), data)
+    put_atomic(*filesystem(cfg.out), data)
     return {
         "out": cfg.out,
         "sha256": hashlib.sha256(data).hexdigest(),

@@ -109,3 +109,14 @@ def test_a_corrupt_gzip_stream_is_named(tmp_path):
     with pytest.raises(DataPrepError, match=r"broken\.jsonl\.gz: not a valid gzip file"):
         _read(path)
 
+
+
+def test_unknown_scheme_and_unwritable_output_are_clear_errors(tmp_path, capsys, tokenizer_path, corpus_dir):
+    with pytest.raises(DataPrepError, match=r"zz://q: Protocol not known"):
+        _read("zz://q")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    code = main(["shards", "--input", str(corpus_dir), "--tokenizer", tokenizer_path,
+                 "--out", str(blocker / "ds"), "--seq-len", "16", "--val-fraction", "0.1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Not a directory" in err and str(blocker) in err
