@@ -5,8 +5,9 @@ of the whole ``shards`` job — reading, hashing, shuffling, encoding, writing s
 at 1 and 2 workers, with the job's throughput per worker as a fraction of raw encoding (the
 target is at least 0.9). Wall-clock ratios need idle cores (workers + 1 for the job's own
 process) and a steady machine; two figures hold however busy it is: the CPU-time ratio (raw
-encoding's CPU seconds over the job's, workers included), and, at 1 worker, the share of the job's
-own wall time spent inside the encode call. Not a test: run it by hand.
+encoding's CPU seconds over the job's, workers included), and the share of the
+workers' time (wall clock x workers) spent inside the encode call, i.e. the job's throughput as a
+fraction of raw encoding measured within the same run. Not a test: run it by hand.
 
     python benchmarks/bench_data_prep.py [--vocab-size 8192] [--seq-len 1024] [--repeats 3]
 """
@@ -14,6 +15,7 @@ own wall time spent inside the encode call. Not a test: run it by hand.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import tempfile
 import time
@@ -23,14 +25,17 @@ from data_prep.corpus import CorpusConfig, read_corpus
 from data_prep.shards import ShardsConfig, document_batches, write_shards
 from data_prep.tokenizer import TokenizerConfig, encode_documents, load_tokenizer, train_tokenizer
 
-_encode_seconds = [0.0]
+# Seconds spent inside the encode call, summed over the job's process and its workers: a shared
+# counter, inherited by the worker processes the job forks after this module patched the call.
+_encode_seconds = multiprocessing.Value("d", 0.0)
 
 
 def _timed_encode(*args):
-    """encode_documents, adding its wall time to ``_encode_seconds[0]`` (in-process worker only)."""
+    """encode_documents, adding its wall time to ``_encode_seconds``."""
     start = time.perf_counter()
     out = encode_documents(*args)
-    _encode_seconds[0] += time.perf_counter() - start
+    with _encode_seconds.get_lock():
+        _encode_seconds.value += time.perf_counter() - start
     return out
 
 
@@ -67,9 +72,10 @@ def main() -> None:
         # Rounds interleave the measurements, so that a change of machine load hits all of them.
         wall = {w: float("inf") for w in [0, *args.workers]}   # 0: raw encoding
         cpu = dict(wall)
-        share = 0.0   # best share of the 1-worker job's time spent encoding
-        # With 1 worker the job encodes in this process, so timing the call it makes shows the
-        # job's overhead from within one run.
+        # Share of the workers' capacity (wall time x workers) spent inside the encode call: the
+        # job's throughput as a fraction of raw encoding measured in the same run, on the same
+        # cores, so it holds however the machine's speed drifts between runs.
+        share = {w: 0.0 for w in args.workers}
         data_prep.shards.encode_documents = _timed_encode
         tokens = 0
         for r in range(args.repeats):
@@ -82,12 +88,11 @@ def main() -> None:
                                    seq_len=args.seq_len, workers=workers,
                                    windows_per_shard=args.windows_per_shard or None,
                                    corpus=CorpusConfig(max_docs=args.max_docs))
-                cpu0, _encode_seconds[0] = _cpu_seconds(), 0.0
+                cpu0, _encode_seconds.value = _cpu_seconds(), 0.0
                 s = write_shards(cfg, progress=False)
                 shards = sum(split["shards"] for split in s["splits"].values())
                 wall[workers], cpu[workers] = min(wall[workers], s["seconds"]), min(cpu[workers], _cpu_seconds() - cpu0)
-                if workers == 1:
-                    share = max(share, _encode_seconds[0] / s["seconds"])
+                share[workers] = max(share[workers], _encode_seconds.value / (s["seconds"] * workers))
                 assert s["tokens_encoded"] == tokens
         raw = tokens / wall[0]
         print(f"raw sentencepiece encode (1 thread): {tokens:,} tokens in {wall[0]:.2f} s = {raw:,.0f} tokens/s "
@@ -97,9 +102,9 @@ def main() -> None:
             print(f"shards job, {workers} worker(s), {shards} shards: {wall[workers]:.2f} s = {rate:,.0f} tokens/s; per worker "
                   f"{rate / workers / raw:.2f} x raw encoding (wall clock); {cpu[workers]:.2f} CPU s = "
                   f"{cpu[0] / cpu[workers]:.2f} x raw encoding's CPU efficiency")
-        if 1 in args.workers:
-            print(f"1-worker job: {share:.2f} of its wall time inside sentencepiece encoding "
-                  f"(the rest is reading, hashing, shuffling, packing, writing)")
+        for workers in args.workers:
+            print(f"{workers}-worker job: {share[workers]:.2f} of the workers' time (wall x workers) inside "
+                  f"sentencepiece encoding (the rest: reading, hashing, shuffling, packing, writing, waiting)")
         print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
