@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.storage import filesystem
+from zarvan_dist.data.lanes import GOLDEN_GAMMA, splitmix64_mix
 from zarvan_dist.config import ConfigError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
@@ -118,11 +119,8 @@ def seeded_permutation(n: int, seed: int) -> np.ndarray:
     random-number streams. Returns an (n,) int64 array.
     """
     with np.errstate(over="ignore"):
-        z = np.uint64(seed % (1 << 64)) + np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
-    return np.argsort(z, kind="stable")
+        z = np.uint64(seed % (1 << 64)) + np.arange(1, n + 1, dtype=np.uint64) * GOLDEN_GAMMA
+    return np.argsort(splitmix64_mix(z), kind="stable")
 
 
 def read_corpus(cfg: CorpusConfig, progress: bool = True) -> tuple[list[Document], CorpusStats]:

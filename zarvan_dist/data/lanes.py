@@ -52,7 +52,9 @@ class LaneLayout:
         if self.rotation_seed is None or epoch == 0:
             return 0
         # plain integer hashing (splitmix64), so a library upgrade never moves a resumed run's lanes
-        return _splitmix64((self.rotation_seed << 32) ^ epoch) % self.num_windows
+        state = np.uint64(((self.rotation_seed << 32) ^ epoch) % (1 << 64))
+        with np.errstate(over="ignore"):
+            return int(splitmix64_mix(state + GOLDEN_GAMMA) % np.uint64(self.num_windows))
 
     def rank_rows(self, rank: int, world: int) -> range:
         """The global rows rank ``rank`` of ``world`` reads."""
@@ -84,12 +86,19 @@ class LaneLayout:
         return windows, reset
 
 
-_MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+"""The splitmix64 increment."""
 
 
-def _splitmix64(x: int) -> int:
-    """The splitmix64 output for state ``x``: a well-mixed 64-bit integer."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
+def splitmix64_mix(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 output function on uint64 states ``z`` (any shape): well-mixed 64-bit ints.
+
+    splitmix64's n-th output from ``seed`` is ``splitmix64_mix(seed + n * GOLDEN_GAMMA)``. Plain
+    integer arithmetic, so results never change with a library version (resumed runs rely on it).
+    """
+    z = np.asarray(z, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
