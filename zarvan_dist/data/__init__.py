@@ -10,7 +10,7 @@ from zarvan_dist.data.manifest import (
     TokenizerEntry,
     dtype_for_vocab,
 )
-from zarvan_dist.data.reader import WindowReader, register_fsspec_gopen
+from zarvan_dist.data.reader import WindowReader
 from zarvan_dist.data.shards import DatasetError
 
 __all__ = [
@@ -24,5 +24,4 @@ __all__ = [
     "TokenizerEntry",
     "WindowReader",
     "dtype_for_vocab",
-    "register_fsspec_gopen",
 ]

@@ -7,8 +7,7 @@ from typing import Iterator
 
 import fsspec
 import numpy as np
-import webdataset as wds
-from webdataset.gopen import gopen_schemes
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.data.shards import (
@@ -19,20 +18,6 @@ from zarvan_dist.data.shards import (
     unpack_payload,
     unpack_sample,
 )
-
-# webdataset opens plain paths and file:// itself; these schemes go through fsspec instead (its
-# built-in gs handler shells out to gsutil, which a training node may lack).
-FSSPEC_SCHEMES = ("memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw) -> object:
-    return fsspec.open(url, mode).open()
-
-
-def register_fsspec_gopen() -> None:
-    """Let webdataset open ``FSSPEC_SCHEMES`` URLs through fsspec (idempotent)."""
-    for scheme in FSSPEC_SCHEMES:
-        gopen_schemes[scheme] = _gopen_fsspec
 
 
 class WindowReader:
@@ -71,28 +56,41 @@ class WindowReader:
         return unpack_sample(block, window, m.seq_len, m.dtype, where)
 
     def iter_windows(self, split: str, start: int = 0) -> Iterator[np.ndarray]:
-        """Windows ``start, start + 1, ...`` of ``split`` to its end, streamed with webdataset."""
+        """Windows ``start, start + 1, ...`` of ``split`` to its end, streamed with webdataset.
+
+        The first shard is opened at the byte where window ``start`` begins (samples have a fixed
+        size), so starting a lane in the middle of a shard reads nothing before it.
+        """
         m = self.manifest
         entry = m.split(split)
         if start == entry.windows:
             return
-        first_shard, _ = m.locate_index(split, start)
-        register_fsspec_gopen()
-        urls = [self.url(s.path) for s in entry.shards[first_shard:]]
-        samples = wds.WebDataset(
-            urls, shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
-        )
-        window = m.first_window(split, first_shard)
+        first_shard, offset = m.locate_index(split, start)
+        stride = sample_bytes(m.seq_len, m.dtype)
+
+        def streams() -> Iterator[dict]:
+            for k, shard in enumerate(entry.shards[first_shard:]):
+                url = self.url(shard.path)
+                try:
+                    stream = self.fs.open(self.fs_path(shard.path), "rb")
+                except FileNotFoundError:
+                    raise DatasetError(f"{url}: shard listed in the manifest is missing") from None
+                with stream:
+                    if k == 0 and offset:
+                        stream.seek(offset * stride)
+                    yield {"url": url, "stream": stream}
+
+        samples = group_by_keys(tar_file_expander(streams()))
+        window = start
         try:
             for sample in samples:
-                if window >= start:
-                    where = f"{sample['__url__']} sample {sample['__key__']}"
-                    if sample["__key__"] != sample_key(window) or FIELD not in sample:
-                        raise DatasetError(f"{where}: expected window {window} with field {FIELD}")
-                    yield unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
+                where = f"{sample['__url__']} sample {sample['__key__']}"
+                if sample["__key__"] != sample_key(window) or FIELD not in sample:
+                    raise DatasetError(f"{where}: expected window {window} with field {FIELD}")
+                yield unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
                 window += 1
         except (tarfile.TarError, OSError) as exc:
-            # webdataset's message names the shard URL.
             raise DatasetError(f"split {split}, reading window {window}: {exc}") from None
         if window != entry.windows:
-            raise DatasetError(f"split {split}: shards held {window} windows, manifest says {entry.windows}")
+            raise DatasetError(f"split {split}: shards held {window - start} windows from window {start}, "
+                               f"manifest says {entry.windows - start}")

@@ -48,6 +48,8 @@ class ZarvanBlock(nn.Module):
         self.norm = nn.LayerNorm(e)
         self.ffn = FeedForward(e, cfg.ffn_dim)
         self.drop = nn.Dropout(cfg.dropout)
+        # a module of its own so monitoring can hook the per-token weights of the three experts
+        self.expert_gate = nn.SiLU()
 
     def init_state(self, batch_size: int, device=None) -> dict[str, Tensor]:
         """Empty prefix: online-softmax triples for both pooling extractors, zero running sum."""
@@ -81,7 +83,7 @@ class ZarvanBlock(nn.Module):
         q_h = self.holistic_out(hol.to(x.dtype))
         omega = math.pi * self.angle_norm(self.angle((c / norm).to(x.dtype)))
         q_s = self.sequential_out(torch.cat([torch.cos(omega), torch.sin(omega)], dim=-1))
-        g = F.silu(gate)
+        g = self.expert_gate(gate)  # [B, T, 3]: holistic, associative, sequential
         mixed = g[..., 0:1] * q_h + g[..., 1:2] * asc.to(x.dtype) + g[..., 2:3] * q_s
         return x + self.drop(self.ffn(self.norm(mixed))), new_state
 

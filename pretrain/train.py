@@ -1,0 +1,422 @@
+"""Train a causal LM on token shards: ``python -m pretrain --config RUN.yaml [--set key=value ...]``.
+
+Each row of the global batch streams its lane of the train split (``zarvan_dist.data.lanes``) and
+carries its recurrent state from one window to the next. The micro-step is the data cursor, so a
+checkpoint plus the lane states is everything a resumed run needs to continue exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from zarvan_dist.config import ConfigError, to_dict
+from zarvan_dist.data import DatasetError, LaneLayout, Manifest
+from zarvan_dist.data.loader import LaneBatch, LaneLoader
+from zarvan_dist.models import ModelConfig, RecurrentState, build_model
+from zarvan_dist.training.checkpoint import (
+    CheckpointError,
+    Checkpointer,
+    load_tensors,
+    save_config,
+    save_tensors,
+    write_json,
+)
+from zarvan_dist.training.config import RunConfig, load_run_config
+from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
+from zarvan_dist.training.schedule import learning_rate
+
+REQUEUE_EXIT_CODE = 75
+"""Exit status after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL): the scheduler should requeue the job."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+@dataclass
+class Counters:
+    """The trainer's progress; saved in every checkpoint as ``trainer.json``."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    micro_step: int = 0
+    """Micro-steps done: the lanes' cursor."""
+    tokens: int = 0
+    """Target tokens trained on (all rows)."""
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient norm."""
+    bad_in_row: int = 0
+    """Non-finite steps since the last good one."""
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, data: dict[str, int]) -> None:
+        for key, value in data.items():
+            if hasattr(self, key):
+                setattr(self, key, int(value))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in float32: logits [B, T, V], targets [B, T]."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the current CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r}, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def resolve_model_config(cfg: RunConfig, manifest: Manifest) -> ModelConfig:
+    """The run's model config with the dataset's vocabulary size (validated again)."""
+    if not cfg.model.causal:
+        raise ConfigError("model.causal: pretraining needs a causal model (causal: true)")
+    data = to_dict(cfg.model)
+    data["vocab_size"] = manifest.vocab_size
+    try:
+        return ModelConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"model (with the dataset's vocab_size {manifest.vocab_size}): {exc}") from None
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases, norms and embedding tables do not."""
+    no_decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, rest = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in no_decay else rest).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block in the backward pass (parameter names unchanged)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        forward = block.forward
+        block.forward = lambda *args, _f=forward, **kw: checkpoint(_f, *args, use_reentrant=False, **kw)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile each block in place with torch.compile (parameter names unchanged)."""
+    for block in model.blocks:
+        block.compile()
+
+
+def reset_rows(state: RecurrentState, rows: torch.Tensor, fresh: RecurrentState) -> RecurrentState:
+    """``state`` with the rows where ``rows`` [B] is True replaced by ``fresh``'s."""
+    if not bool(rows.any()):
+        return state
+    out = {}
+    for name, value in state.items():
+        mask = rows.view(-1, *[1] * (value.dim() - 1)).to(value.device)
+        out[name] = torch.where(mask, fresh[name].to(value.dtype), value)
+    return RecurrentState(out)
+
+
+def nonfinite_rows(state: RecurrentState) -> torch.Tensor:
+    """[B] bool: rows holding a NaN or an infinity in any floating state tensor."""
+    bad = None
+    for value in state.to_dict().values():
+        if value.is_floating_point():
+            row_bad = ~torch.isfinite(value).flatten(1).all(1)
+            bad = row_bad if bad is None else bad | row_bad
+    return bad if bad is not None else torch.zeros(state.batch_size or 0, dtype=torch.bool)
+
+
+class Trainer:
+    """One process (CPU or one GPU): model, optimizer, lanes, checkpoints and metrics of a run."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.manifest = Manifest.load(cfg.data.dir)
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = resolve_dtype(cfg.train.dtype, self.device)
+        self.model_cfg = resolve_model_config(cfg, self.manifest)
+        self.seq_len = self.manifest.seq_len
+        train_windows = self.manifest.split("train").windows
+        try:
+            self.layout = LaneLayout(train_windows, cfg.data.rows, cfg.data.rotation_seed)
+        except ValueError as exc:
+            raise ConfigError(f"data.rows: {exc} (train split of {cfg.data.dir})") from None
+        self.val_layout = self._val_layout()
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(self.model_cfg).to(self.device)
+        self.probe = ExpertProbe(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if cfg.train.compile:
+            apply_compile(self.model)
+        self.counters = Counters()
+        self.lane_state = self.model.init_state(cfg.data.rows, self.device)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self.stop_signal: int | None = None
+
+    # ---- wiring
+    def _val_layout(self) -> LaneLayout | None:
+        windows = self.manifest.split("val").windows
+        if windows < self.cfg.eval.rows:
+            print(f"note: the val split has {windows} windows, fewer than eval.rows={self.cfg.eval.rows}: "
+                  f"no validation", file=sys.stderr)
+            return None
+        return LaneLayout(windows, self.cfg.eval.rows)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train_batches(self) -> Iterator[LaneBatch]:
+        """The train lanes from the current micro-step on."""
+        d = self.cfg.data
+        return iter(LaneLoader(d.dir, "train", self.layout, start=self.counters.micro_step,
+                               workers=d.workers, prefetch=d.prefetch))
+
+    # ---- one step
+    def forward_window(self, batch: LaneBatch, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """Loss of one micro-step and the rows' state after it (state reset where the lane restarts)."""
+        inputs = batch.inputs.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        fresh = self.model.init_state(inputs.shape[0], self.device)
+        state = reset_rows(state, batch.reset, fresh) if self.cfg.train.carry_state else fresh
+        with self.autocast():
+            out = self.model(inputs, state, inputs == self.manifest.bos_id)
+        return next_token_loss(out.logits, targets), out.state.detach()
+
+    def train_step(self, batches: Iterable[LaneBatch]) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` consecutive micro-steps; skipped if not finite."""
+        cfg = self.cfg
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            loss, self.lane_state = self.forward_window(batch, self.lane_state)
+            (loss / cfg.train.grad_accum).backward()
+            total += loss.detach()
+            self.counters.micro_step += 1
+            self.counters.tokens += batch.targets.numel()
+        loss = float(total) / cfg.train.grad_accum
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        lr = learning_rate(self.counters.step, cfg.train.steps, cfg.optim)
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.counters.bad_in_row = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.counters.skipped_steps += 1
+            self.counters.bad_in_row += 1
+            bad = nonfinite_rows(self.lane_state)
+            self.lane_state = reset_rows(self.lane_state, bad, self.model.init_state(len(bad), self.device))
+        self.counters.step += 1
+        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.counters.tokens,
+                "skipped_steps": self.counters.skipped_steps}
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "val", rows: int | None = None, steps: int | None = None) -> dict[str, float]:
+        """Mean next-token loss over ``steps`` micro-steps of ``split``'s lanes from their start, state carried."""
+        if split == "val" and rows is None:
+            layout = self.val_layout
+        else:
+            layout = LaneLayout(self.manifest.split(split).windows, rows or self.cfg.eval.rows)
+        steps = steps or self.cfg.eval.steps or layout.lane_len
+        was_training = self.model.training
+        self.model.eval()
+        state = self.model.init_state(layout.rows, self.device)
+        total, count = 0.0, 0
+        for batch in islice(LaneLoader(self.cfg.data.dir, split, layout), steps):
+            loss, state = self.forward_window(batch, state)
+            total += float(loss) * batch.targets.numel()
+            count += batch.targets.numel()
+        self.model.train(was_training)
+        mean = total / count
+        return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count, "windows": steps * layout.rows}
+
+    # ---- checkpoints
+    def save(self) -> Path:
+        def write(d: Path) -> None:
+            save_model(self.model, str(d / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
+            save_tensors(d / "lanes.safetensors", self.lane_state.to_dict())
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+            save_tensors(d / "rng.safetensors", rng)
+            lr = learning_rate(max(self.counters.step - 1, 0), self.cfg.train.steps, self.cfg.optim)
+            write_json(d / "trainer.json", {**self.counters.state_dict(), "lr": lr})
+            save_config(d / "config.yaml", self.resolved_config())
+
+        return self.checkpointer.save(self.counters.step, write)
+
+    def load(self, path: Path) -> None:
+        """Restore everything from checkpoint ``path`` (already verified)."""
+        import json
+
+        saved = RunConfig.from_dict(_read_yaml(path / "config.yaml"))
+        if saved.data.rows != self.cfg.data.rows:
+            raise ConfigError(f"data.rows: the checkpoint {path} has lanes for {saved.data.rows} rows, "
+                              f"this run has {self.cfg.data.rows}")
+        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False,
+                                         device=str(self.device))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
+        self.lane_state = RecurrentState(load_tensors(path / "lanes.safetensors", self.device))
+        rng = load_tensors(path / "rng.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available():
+            cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
+            if cuda:
+                torch.cuda.set_rng_state_all(cuda)
+        self.counters.load_state_dict(json.loads((path / "trainer.json").read_text()))
+
+    def resolved_config(self) -> dict:
+        data = self.cfg.to_dict()
+        data["model"] = to_dict(self.model_cfg)
+        return data
+
+    # ---- the loop
+    def fit(self) -> int:
+        """Train to ``train.steps``; returns the exit status (0, or REQUEUE_EXIT_CODE after a signal)."""
+        cfg = self.cfg
+        resumed = self.resume()
+        save_config(_mkdir(self.run_dir) / "config.yaml", self.resolved_config())
+        metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
+        peak = peak_tflops(cfg.logging.peak_tflops, self.device)
+        flops_per_token = self.model.flops_per_token(self.seq_len)
+        progress = Progress(cfg.train.steps, self.counters.step)
+        self.install_signal_handlers()
+        batches = self.train_batches()
+        last_time, last_tokens = time.perf_counter(), self.counters.tokens
+        try:
+            while self.counters.step < cfg.train.steps and self.stop_signal is None:
+                step = self.counters.step + 1
+                log_now = step % cfg.logging.every == 0 or step == cfg.train.steps
+                self.probe.active = log_now
+                record = self.train_step(islice(batches, cfg.train.grad_accum))
+                self.probe.active = False
+                if self.counters.bad_in_row >= cfg.train.max_bad_steps:
+                    raise TrainingError(
+                        f"{self.counters.bad_in_row} steps in a row had a non-finite loss or gradient norm "
+                        f"(step {step}: loss {record['loss']}, grad norm {record['grad_norm']}); stopping. "
+                        f"Lower optim.lr, check the data, or resume from the last checkpoint in "
+                        f"{self.checkpointer.root}")
+                if log_now:
+                    now = time.perf_counter()
+                    tps = (self.counters.tokens - last_tokens) / max(now - last_time, 1e-9)
+                    last_time, last_tokens = now, self.counters.tokens
+                    record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tps,
+                                  memory_gib=memory_gib(self.device), **self.probe.pop(),
+                                  **state_norms(self.lane_state))
+                    if peak is not None:
+                        record["mfu"] = tps * flops_per_token / (peak * 1e12)
+                    if cfg.logging.progress:
+                        print(progress.line(step, record), flush=True)
+                metrics.log(step, record)
+                if self.val_layout is not None and (step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0)):
+                    result = self.evaluate()
+                    metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
+                    print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
+                if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.save()
+            if self.stop_signal is not None:
+                path = self.save()
+                print(f"signal {signal.Signals(self.stop_signal).name}: checkpoint {path} written; "
+                      f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
+                return REQUEUE_EXIT_CODE
+        finally:
+            metrics.close()
+        return 0
+
+    def resume(self) -> int | None:
+        """Load the checkpoint ``checkpoint.resume`` names; returns its step, or None when starting afresh."""
+        mode = self.cfg.checkpoint.resume
+        self.checkpointer.remove_partial()
+        if mode == "none":
+            return None
+        if mode == "auto":
+            path = self.checkpointer.find_resume()
+            if path is None:
+                return None
+        else:
+            from zarvan_dist.training.checkpoint import resolve_checkpoint
+
+            path = resolve_checkpoint(mode)
+        self.load(path)
+        print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
+              f"{self.counters.tokens:,} tokens", flush=True)
+        return self.counters.step
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with ``REQUEUE_EXIT_CODE``."""
+        def handler(signum: int, frame: object) -> None:
+            self.stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Exit status: 0 done, 1 error, {REQUEUE_EXIT_CODE} checkpointed after SIGTERM/SIGUSR1 (requeue).")
+    parser.add_argument("--config", required=True, metavar="FILE", help="run config YAML (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="auto|none|PATH",
+                        help="shorthand for --set checkpoint.resume=...: auto (default) continues from "
+                             "RUN/checkpoints/latest, none starts afresh, or a checkpoint directory")
+    args = parser.parse_args(argv)
+    overrides = args.overrides + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    try:
+        cfg = load_run_config(args.config, overrides)
+        return Trainer(cfg).fit()
+    except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

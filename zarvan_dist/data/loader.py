@@ -1,0 +1,125 @@
+"""The lane loader: each batch row streams its lane's windows in order, read by DataLoader workers.
+
+``LaneLoader(url, split, layout, rows, start)`` yields one ``LaneBatch`` per micro-step from
+micro-step ``start`` on. Row j's windows come from ``layout`` (``LaneLayout``), so the micro-step
+is the whole cursor: resuming at step s opens every row's stream at the window the layout gives
+for s, at its byte offset in its shard, and replays nothing. The rows are dealt to the workers
+(worker w streams rows w, w + W, ...); each worker keeps one webdataset stream per row open across
+shard boundaries and yields its part of every micro-step, and the DataLoader's in-order round
+robin puts the parts back together.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from zarvan_dist.data.lanes import LaneLayout
+from zarvan_dist.data.reader import WindowReader
+
+
+@dataclass
+class LaneBatch:
+    """One micro-step of a group of rows."""
+
+    step: int
+    """The micro-step."""
+    rows: torch.Tensor
+    """[R] int64, the global rows, in increasing order."""
+    windows: torch.Tensor
+    """[R] int64, the window of the split each row reads."""
+    tokens: torch.Tensor
+    """[R, seq_len + 1] int64, the windows' tokens."""
+    reset: torch.Tensor
+    """[R] bool, the row's carried state must be reset before this window (a lane start or wrap)."""
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """[R, seq_len] model inputs."""
+        return self.tokens[:, :-1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[R, seq_len] next-token targets."""
+        return self.tokens[:, 1:]
+
+
+class _LaneStreams(IterableDataset):
+    """A worker's rows, one micro-step at a time (a DataLoader dataset; see ``LaneLoader``)."""
+
+    def __init__(self, url: str, split: str, layout: LaneLayout, rows: range, start: int) -> None:
+        super().__init__()
+        self.url, self.split, self.layout, self.rows, self.start = url, split, layout, rows, start
+
+    def __iter__(self) -> Iterator[LaneBatch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        mine = np.arange(self.rows.start, self.rows.stop)[worker::workers]
+        reader = WindowReader(self.url)
+        streams: list[Iterator[np.ndarray] | None] = [None] * len(mine)
+        expected = np.full(len(mine), -1, dtype=np.int64)
+        seq_len = reader.manifest.seq_len
+        step = self.start
+        while True:
+            windows, reset = self.layout.windows(step, self.rows)
+            windows, reset = windows[mine - self.rows.start], reset[mine - self.rows.start]
+            tokens = np.empty((len(mine), seq_len + 1), dtype=np.int64)
+            for i, window in enumerate(windows):
+                if streams[i] is None or expected[i] != window:
+                    streams[i] = reader.iter_windows(self.split, int(window))
+                tokens[i] = next(streams[i])
+                expected[i] = window + 1
+            yield LaneBatch(step, torch.from_numpy(mine.astype(np.int64)), torch.from_numpy(windows),
+                            torch.from_numpy(tokens), torch.from_numpy(reset))
+            step += 1
+
+
+def _quiet_worker(worker_id: int) -> None:
+    # A scheduler's SIGTERM / SIGUSR1 asks the trainer for a checkpoint; workers must outlive it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class LaneLoader:
+    """Micro-step batches of ``rows`` of a split's lanes, from micro-step ``start`` on, without end.
+
+    Args:
+        url: the dataset (directory or manifest URL, any fsspec scheme).
+        split: ``train`` or ``val``.
+        layout: the lanes of the split.
+        rows: the global rows to read (a rank's share of the global batch).
+        start: the first micro-step.
+        workers: DataLoader worker processes (0 reads in this process).
+        prefetch: micro-steps each worker reads ahead.
+    """
+
+    def __init__(self, url: str, split: str, layout: LaneLayout, rows: range | None = None,
+                 start: int = 0, workers: int = 0, prefetch: int = 2) -> None:
+        self.rows = range(layout.rows) if rows is None else rows
+        layout.windows(start, self.rows)  # validates the rows and the step
+        self.workers = min(workers, len(self.rows))
+        self.dataset = _LaneStreams(url, split, layout, self.rows, start)
+        self.loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.workers,
+            prefetch_factor=prefetch if self.workers else None,
+            worker_init_fn=_quiet_worker if self.workers else None,
+        )
+
+    def __iter__(self) -> Iterator[LaneBatch]:
+        parts = iter(self.loader)
+        while True:
+            # one part per worker, in worker order: workers hold rows w, w + W, ... of this step
+            got = [next(parts) for _ in range(max(self.workers, 1))]
+            if len(got) == 1:
+                yield got[0]
+                continue
+            rows = torch.cat([p.rows for p in got])
+            order = torch.argsort(rows)
+            yield LaneBatch(got[0].step, rows[order], torch.cat([p.windows for p in got])[order],
+                            torch.cat([p.tokens for p in got])[order], torch.cat([p.reset for p in got])[order])

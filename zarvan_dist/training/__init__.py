@@ -1,0 +1,1 @@
+"""Training components: run config, learning-rate schedule, checkpoints and metrics."""

@@ -1,0 +1,193 @@
+"""Atomic checkpoint directories: written under a temporary name, renamed when complete, ``latest`` last.
+
+Layout of ``RUN/checkpoints``::
+
+    step-00000100/            one checkpoint (the optimizer step it was taken after)
+        model.safetensors     model weights (shared tensors stored once)
+        optimizer.pt          optimizer state dict (tensors and plain data; read with weights_only)
+        lanes.safetensors     each row's recurrent state, leading dimension G (global rows)
+        rng.safetensors       torch RNG states (CPU, and each CUDA device)
+        trainer.json          step, micro-step, tokens seen, skipped steps, learning rate
+        config.yaml           the resolved run config
+        meta.json             every other file's size and sha256 (written last)
+    latest                    name of the newest complete checkpoint (updated after the rename)
+    .tmp-step-00000100/       a checkpoint being written (removed at the next start)
+
+Loading never unpickles arbitrary objects: tensors come from safetensors or ``torch.load`` with
+``weights_only=True``, the rest is JSON and YAML. A checkpoint whose files do not match its
+``meta.json`` is skipped with a warning in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+META = "meta.json"
+LATEST = "latest"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its meta.json."""
+
+
+def checkpoint_name(step: int) -> str:
+    """Directory name of the checkpoint taken after optimizer step ``step``."""
+    return f"{PREFIX}{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` (not atomic by itself; used inside a temporary directory)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """A flat dict of tensors to safetensors (contiguous CPU copies)."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Inverse of ``save_tensors``."""
+    return load_file(str(path), device=str(device))
+
+
+def save_config(path: Path, config: dict[str, Any]) -> None:
+    """The resolved run config as YAML."""
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+class Checkpointer:
+    """The checkpoints of one run: save atomically, keep the newest K, find the one to resume from."""
+
+    def __init__(self, root: str | Path, keep: int) -> None:
+        self.root = Path(root)
+        self.keep = keep
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoint directories, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+        return sorted(found, key=lambda p: p.name)
+
+    def save(self, step: int, write: Callable[[Path], None]) -> Path:
+        """Create checkpoint ``step``: ``write(tmpdir)`` fills it; then meta, rename, ``latest``, prune."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        for p in tmp.iterdir():
+            _fsync_file(p)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json(tmp / META, {"step": step, "files": files})
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. a re-run after a kill): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = self.root / f"{TMP_PREFIX}{LATEST}"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def remove_partial(self) -> None:
+        """Delete temporary directories left by a run killed while saving."""
+        if self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def find_resume(self) -> Path | None:
+        """The newest checkpoint that verifies (``latest`` first); each one skipped is warned about."""
+        candidates = list(reversed(self.checkpoints()))
+        pointer = self.root / LATEST
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            if named in candidates:
+                candidates.remove(named)
+                candidates.insert(0, named)
+        for path in candidates:
+            try:
+                verify(path)
+                return path
+            except CheckpointError as exc:
+                warnings.warn(f"skipping checkpoint {path}: {exc}; trying the previous one", stacklevel=2)
+        return None
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check every file of checkpoint ``path`` against its meta.json; returns the meta."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+        files = meta["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / META} is missing or unreadable ({exc})") from None
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f} has {size} bytes, meta.json says {want['bytes']} (truncated?)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{f} does not match its sha256 in meta.json")
+    return meta
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory given itself or a checkpoints root / run directory (its ``latest``)."""
+    path = Path(path)
+    for root in (path, path / "checkpoints"):
+        if (root / LATEST).is_file():
+            found = Checkpointer(root, keep=1).find_resume()
+            if found is None:
+                raise CheckpointError(f"{root}: no checkpoint verifies")
+            return found
+    if not (path / META).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory, a checkpoints root or a run directory")
+    verify(path)
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,219 @@
+"""The run configuration: one small dataclass per concern, loaded from YAML with ``--set`` overrides.
+
+A run config names its model inline (``model:``) or by file (``model_file:``, whose keys the
+inline ``model:`` mapping then overrides). ``load_run_config`` resolves it into a ``RunConfig``;
+``RunConfig.to_dict`` is what a run writes to ``RUN/config.yaml`` and to every checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from zarvan_dist.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from zarvan_dist.models.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how the lanes read them."""
+
+    dir: str = "data/quickstart"
+    """fsspec URL of the dataset written by ``data_prep shards`` (its directory)."""
+    rows: int = 8
+    """G, rows of the global batch; row j streams lane j of the train split."""
+    workers: int = 1
+    """DataLoader worker processes reading the shards (0 reads in the training process)."""
+    prefetch: int = 4
+    """Micro-steps each worker reads ahead."""
+    rotation_seed: int | None = 0
+    """Seed of the per-epoch lane offset (so no window is skipped every epoch); null: no rotation."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "rows", "prefetch")
+        if self.workers < 0:
+            raise ConfigError(f"workers: expected a non-negative integer, got {self.workers}")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    """Optimizer steps of the whole run."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step: consecutive windows of the same lanes."""
+    carry_state: bool = True
+    """Carry each row's recurrent state to its next window (false: reset every window, an ablation)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Autocast dtype: auto is bfloat16 on GPUs that support it, float32 elsewhere."""
+    activation_checkpointing: bool = False
+    """Recompute each block in the backward pass instead of storing its activations."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    max_bad_steps: int = 5
+    """Consecutive non-finite steps (loss or gradient norm) that stop the run."""
+    device: str = "auto"
+    """Device to train on: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "grad_accum", "max_bad_steps")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay and a learning rate that is a pure function of the step."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: warmup then cosine decay to min_lr; wsd: warmup, stable, then linear decay; constant."""
+    warmup_steps: int = 10
+    """Steps of linear warmup from 0 to lr."""
+    decay_fraction: float = 0.2
+    """wsd: the share of the steps (at the end) spent decaying to min_lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of matrices (biases, norms and embeddings are not decayed)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"lr/min_lr: expected 0 <= min_lr <= lr and lr > 0, got {self.lr}/{self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: expected a non-negative integer, got {self.warmup_steps}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction: expected a value in (0, 1], got {self.decay_fraction}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"betas: expected two values in [0, 1), got {self.betas}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ConfigError("grad_clip and weight_decay must be non-negative")
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and which one a run resumes from."""
+
+    every: int = 100
+    """Write a checkpoint every this many optimizer steps (and always at the end); 0: only at the end."""
+    keep: int = 3
+    """Checkpoints kept on disk (the newest); older ones are deleted."""
+    resume: str = "auto"
+    """auto: continue from RUN/checkpoints/latest when there is one; none: start afresh; or a checkpoint path."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"every: expected a non-negative integer, got {self.every}")
+        _positive(self, "keep")
+
+
+@dataclass
+class EvalConfig:
+    """Validation over the val split's own lanes, state carried from window to window."""
+
+    every: int = 50
+    """Evaluate every this many optimizer steps (and at the end); 0: only at the end."""
+    rows: int = 4
+    """Rows (lanes) of the validation batch."""
+    steps: int = 0
+    """Micro-steps per evaluation, each from the val lanes' start; 0: every window of the lanes once."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.steps < 0:
+            raise ConfigError("every and steps must be non-negative")
+        _positive(self, "rows")
+
+
+@dataclass
+class LoggingConfig:
+    """Console, ``RUN/metrics.jsonl`` and TensorBoard."""
+
+    every: int = 10
+    """Log every this many optimizer steps (metrics.jsonl has every step's loss regardless)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files under RUN/tensorboard."""
+    peak_tflops: float | None = None
+    """Peak dense TFLOP/s of one device for MFU; null: looked up for known GPUs, MFU not logged otherwise."""
+    progress: bool = True
+    """Print a console progress line with the ETA at each log step."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "every")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ConfigError(f"peak_tflops: expected a positive number or null, got {self.peak_tflops}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; its resolved form is saved with every checkpoint."""
+
+    run_dir: str
+    """Directory of the run: config.yaml, checkpoints/, tensorboard/, metrics.jsonl."""
+    model: ModelConfig
+    """The model (vocab_size is taken from the dataset's tokenizer)."""
+    seed: int = 0
+    """Seed of the weight initialisation and of dropout."""
+    engine: Literal["single"] = "single"
+    """How the model is wrapped: single (one process, CPU or one GPU)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The shards and the lanes."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resume."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Monitoring."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (the inverse of ``from_dict``)."""
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """Build from plain data; errors name the key."""
+        return from_dict(cls, data)
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a run config, apply ``key=value`` overrides, resolve ``model_file``.
+
+    ``model_file`` is a path relative to the run config's directory (or absolute); its keys are
+    the model's defaults, which an inline ``model:`` mapping overrides. Overrides may set
+    ``model_file`` and ``model.*`` keys too.
+    """
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), overrides or [])
+    model_file = data.pop("model_file", None)
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{path}: model: expected a mapping, got {model!r}")
+    if model_file is not None:
+        if not isinstance(model_file, str):
+            raise ConfigError(f"{path}: model_file: expected a path, got {model_file!r}")
+        base = Path(model_file)
+        if not base.is_absolute():
+            base = path.parent / base
+        model = {**load_yaml(base), **model}
+    data["model"] = model
+    try:
+        return RunConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 1:
+            raise ConfigError(f"{name}: expected a positive integer, got {value}")
