@@ -248,12 +248,15 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: str = "val", rows: int | None = None, steps: int | None = None) -> dict[str, float]:
-        """Mean next-token loss over ``steps`` micro-steps of ``split``'s lanes from their start, state carried."""
+        """Mean next-token loss over ``steps`` micro-steps of ``split``'s lanes from their start, state carried.
+
+        ``rows`` and ``steps`` default to ``eval.rows`` and ``eval.steps``; 0 steps reads every window of the lanes.
+        """
         if split == "val" and rows is None:
             layout = self.val_layout
         else:
             layout = LaneLayout(self.manifest.split(split).windows, rows or self.cfg.eval.rows)
-        steps = steps or self.cfg.eval.steps or layout.lane_len
+        steps = (self.cfg.eval.steps if steps is None else steps) or layout.lane_len
         was_training = self.model.training
         self.model.eval()
         state = self.model.init_state(layout.rows, self.device)
@@ -290,11 +293,7 @@ class Trainer:
         if saved.data.rows != self.cfg.data.rows:
             raise ConfigError(f"data.rows: the checkpoint {path} has lanes for {saved.data.rows} rows, "
                               f"this run has {self.cfg.data.rows}")
-        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False,
-                                         device=str(self.device))
-        if missing or unexpected:
-            raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+        self.load_weights(path)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         self.lane_state = RecurrentState(load_tensors(path / "lanes.safetensors", self.device))
         rng = load_tensors(path / "rng.safetensors")
@@ -304,6 +303,14 @@ class Trainer:
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
         self.counters.load_state_dict(json.loads((path / "trainer.json").read_text()))
+
+    def load_weights(self, path: Path) -> None:
+        """The model weights of checkpoint ``path``; an architecture mismatch names the tensors."""
+        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False,
+                                         device=str(self.device))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
 
     def resolved_config(self) -> dict:
         data = self.cfg.to_dict()

@@ -105,6 +105,9 @@ class CausalLM(nn.Module):
     reset with the document) and each block's state.
     """
 
+    streams = True
+    """Windows fed one after another with the state carried give the logits of one long window."""
+
     def __init__(self, cfg: ModelConfig, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.config = cfg

@@ -128,6 +128,8 @@ class SlamLM(CausalLM):
     the module docstring), so it carries no state from one window to the next.
     """
 
+    streams = False
+
     def __init__(self, cfg: ModelConfig) -> None:
         blocks = [SlamBlock(cfg), *(FusionCycle(cfg) for _ in range(cfg.ef_cycles)), SlamBlock(cfg)]
         super().__init__(cfg, blocks)

@@ -191,3 +191,16 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model of a checkpoint (directory, checkpoints root or run directory), weights loaded, in eval mode."""
+    from safetensors.torch import load_model
+
+    from zarvan_dist.models import ModelConfig, build_model
+
+    path = resolve_checkpoint(path)
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    model = build_model(ModelConfig.from_dict(config["model"])).to(device)
+    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    return model.eval()
