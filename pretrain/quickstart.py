@@ -34,14 +34,16 @@ RUN = "runs/quickstart"
 PROMPT = "def "
 
 
-def run(args: list[str]) -> str:
-    """Run a Python module job from the repository root, echoing it; returns its stdout."""
+def run(args: list[str], capture: bool = False) -> str:
+    """Run a Python module job from the repository root, echoing it; returns its stdout when captured."""
     print(f"\n$ python {shlex.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(proc.stdout)
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE if capture else None,
+                          text=True)
+    if capture:
+        sys.stdout.write(proc.stdout)
     if proc.returncode != 0:
         raise SystemExit(f"quickstart: `python {shlex.join(args)}` failed with exit status {proc.returncode}")
-    return proc.stdout
+    return proc.stdout or ""
 
 
 def sample(run_dir: Path, prompt: str, tokens: int, seed: int = 0) -> str:
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = [x for item in args.overrides for x in ("--set", item)]
     run(["-m", "pretrain", "--config", str(CONFIG.relative_to(ROOT)), "--set", f"run_dir={RUN}",
          "--set", f"data.dir={DATA}", *overrides])
-    result = json.loads(run(["-m", "pretrain.eval", "--checkpoint", RUN]).strip().splitlines()[-1])
+    result = json.loads(run(["-m", "pretrain.eval", "--checkpoint", RUN], capture=True).strip().splitlines()[-1])
     print(f"\n--- sample (prompt {PROMPT!r}, {args.sample_tokens} tokens, temperature 0.8) ---")
     print(sample(ROOT / RUN, PROMPT, args.sample_tokens))
     print("---")

@@ -361,12 +361,13 @@ class Trainer:
                     print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save()
-            if self.stop_signal is not None:
+            if self.stop_signal is not None and self.counters.step < cfg.train.steps:
                 path = self.save()
                 print(f"signal {signal.Signals(self.stop_signal).name}: checkpoint {path} written; "
                       f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
                 return REQUEUE_EXIT_CODE
         finally:
+            batches.close()
             metrics.close()
         return 0
 

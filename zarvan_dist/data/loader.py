@@ -112,14 +112,19 @@ class LaneLoader:
         )
 
     def __iter__(self) -> Iterator[LaneBatch]:
+        """Batches without end; ``close()`` the iterator to stop the workers (they ignore SIGTERM)."""
         parts = iter(self.loader)
-        while True:
-            # one part per worker, in worker order: workers hold rows w, w + W, ... of this step
-            got = [next(parts) for _ in range(max(self.workers, 1))]
-            if len(got) == 1:
-                yield got[0]
-                continue
-            rows = torch.cat([p.rows for p in got])
-            order = torch.argsort(rows)
-            yield LaneBatch(got[0].step, rows[order], torch.cat([p.windows for p in got])[order],
-                            torch.cat([p.tokens for p in got])[order], torch.cat([p.reset for p in got])[order])
+        try:
+            while True:
+                # one part per worker, in worker order: workers hold rows w, w + W, ... of this step
+                got = [next(parts) for _ in range(max(self.workers, 1))]
+                if len(got) == 1:
+                    yield got[0]
+                    continue
+                rows = torch.cat([p.rows for p in got])
+                order = torch.argsort(rows)
+                yield LaneBatch(got[0].step, rows[order], torch.cat([p.windows for p in got])[order],
+                                torch.cat([p.tokens for p in got])[order], torch.cat([p.reset for p in got])[order])
+        finally:
+            # dropping the DataLoader iterator shuts its workers down (None on their queues, then join)
+            del parts
