@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import pickle
 import signal
 import sys
 import time
@@ -30,6 +31,7 @@ from zarvan_dist.models import ModelConfig, RecurrentState, build_model
 from zarvan_dist.training.checkpoint import (
     CheckpointError,
     Checkpointer,
+    checkpoint_name,
     load_tensors,
     save_config,
     save_tensors,
@@ -321,13 +323,14 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``train.steps``; returns the exit status (0, or REQUEUE_EXIT_CODE after a signal)."""
         cfg = self.cfg
+        self.install_signal_handlers()
         resumed = self.resume()
         save_config(_mkdir(self.run_dir) / "config.yaml", self.resolved_config())
         metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
         peak = peak_tflops(cfg.logging.peak_tflops, self.device)
         flops_per_token = self.model.flops_per_token(self.seq_len)
         progress = Progress(cfg.train.steps, self.counters.step)
-        self.install_signal_handlers()
+        saved = resumed
         batches = self.train_batches()
         last_time, last_tokens = time.perf_counter(), self.counters.tokens
         try:
@@ -361,8 +364,9 @@ class Trainer:
                     print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
                 if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save()
+                    saved = step
             if self.stop_signal is not None and self.counters.step < cfg.train.steps:
-                path = self.save()
+                path = self.save() if saved != self.counters.step else self.checkpointer.root / checkpoint_name(saved)
                 print(f"signal {signal.Signals(self.stop_signal).name}: checkpoint {path} written; "
                       f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
                 return REQUEUE_EXIT_CODE
@@ -427,4 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         return Trainer(cfg).fit()
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except pickle.UnpicklingError as exc:
+        print(f"error: a checkpoint file holds more than tensors and plain data; refusing to load it: {exc}",
+              file=sys.stderr)
         return 1

@@ -40,13 +40,14 @@ def test_sigkill_then_rerun_is_byte_identical(make_shards, corpus_dir, tokenizer
     # The test hook sleeps after every shard so the kill lands mid-run.
     env = dict(os.environ, ZARVAN_DATA_PREP_SHARD_DELAY="0.05")
     proc = subprocess.Popen(_command(corpus_dir, tokenizer_path, out), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while _recorded_shards(out) < 10:
         assert proc.poll() is None, f"job ended before the kill: {proc.communicate()}"
         assert time.monotonic() < deadline, "job made no progress"
         time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
+    # the whole process group, tokenizer workers included, as when a node dies
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "manifest.json").exists()
     assert _recorded_shards(out) < total

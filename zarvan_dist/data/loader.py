@@ -109,6 +109,9 @@ class LaneLoader:
             self.dataset, batch_size=None, num_workers=self.workers,
             prefetch_factor=prefetch if self.workers else None,
             worker_init_fn=_quiet_worker if self.workers else None,
+            # the DataLoader draws its workers' base seed from this generator, not from the global
+            # RNG that a checkpoint restores (dropout after a resume must match the uninterrupted run)
+            generator=torch.Generator(),
         )
 
     def __iter__(self) -> Iterator[LaneBatch]:

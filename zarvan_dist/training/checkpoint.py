@@ -164,7 +164,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory given itself or a checkpoints root / run directory (its ``latest``)."""
     path = Path(path)
     for root in (path, path / "checkpoints"):
-        if (root / LATEST).is_file():
+        if (root / LATEST).is_file() or Checkpointer(root, keep=1).checkpoints():
             found = Checkpointer(root, keep=1).find_resume()
             if found is None:
                 raise CheckpointError(f"{root}: no checkpoint verifies")
