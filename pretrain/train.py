@@ -326,13 +326,10 @@ class Trainer:
         self.install_signal_handlers()
         resumed = self.resume()
         save_config(_mkdir(self.run_dir) / "config.yaml", self.resolved_config())
-        metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
-        peak = peak_tflops(cfg.logging.peak_tflops, self.device)
-        flops_per_token = self.model.flops_per_token(self.seq_len)
-        progress = Progress(cfg.train.steps, self.counters.step)
+        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
+        self.meter = Meter(self)
         saved = resumed
         batches = self.train_batches()
-        last_time, last_tokens = time.perf_counter(), self.counters.tokens
         try:
             while self.counters.step < cfg.train.steps and self.stop_signal is None:
                 step = self.counters.step + 1
@@ -340,29 +337,14 @@ class Trainer:
                 self.probe.active = log_now
                 record = self.train_step(islice(batches, cfg.train.grad_accum))
                 self.probe.active = False
-                if self.counters.bad_in_row >= cfg.train.max_bad_steps:
-                    raise TrainingError(
-                        f"{self.counters.bad_in_row} steps in a row had a non-finite loss or gradient norm "
-                        f"(step {step}: loss {record['loss']}, grad norm {record['grad_norm']}); stopping. "
-                        f"Lower optim.lr, check the data, or resume from the last checkpoint in "
-                        f"{self.checkpointer.root}")
-                if log_now:
-                    now = time.perf_counter()
-                    tps = (self.counters.tokens - last_tokens) / max(now - last_time, 1e-9)
-                    last_time, last_tokens = now, self.counters.tokens
-                    record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tps,
-                                  memory_gib=memory_gib(self.device), **self.probe.pop(),
-                                  **state_norms(self.lane_state))
-                    if peak is not None:
-                        record["mfu"] = tps * flops_per_token / (peak * 1e12)
-                    if cfg.logging.progress:
-                        print(progress.line(step, record), flush=True)
-                metrics.log(step, record)
-                if self.val_layout is not None and (step == cfg.train.steps or (cfg.eval.every and step % cfg.eval.every == 0)):
+                self.check_bad_steps(record)
+                self.metrics.log(step, self.meter.extend(record) if log_now else record)
+                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
                     result = self.evaluate()
-                    metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
-                    print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
-                if step == cfg.train.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
+                    print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
+                          flush=True)
+                if _due(step, cfg.checkpoint.every, cfg.train.steps):
                     self.save()
                     saved = step
             if self.stop_signal is not None and self.counters.step < cfg.train.steps:
@@ -372,8 +354,16 @@ class Trainer:
                 return REQUEUE_EXIT_CODE
         finally:
             batches.close()
-            metrics.close()
+            self.metrics.close()
         return 0
+
+    def check_bad_steps(self, record: dict[str, float]) -> None:
+        """Stop the run after ``train.max_bad_steps`` non-finite steps in a row."""
+        if self.counters.bad_in_row >= self.cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{self.counters.bad_in_row} steps in a row had a non-finite loss or gradient norm "
+                f"(step {self.counters.step}: loss {record['loss']}, grad norm {record['grad_norm']}); stopping. "
+                f"Lower optim.lr, check the data, or resume from the last checkpoint in {self.checkpointer.root}")
 
     def resume(self) -> int | None:
         """Load the checkpoint ``checkpoint.resume`` names; returns its step, or None when starting afresh."""
@@ -401,6 +391,36 @@ class Trainer:
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
+
+
+class Meter:
+    """The figures of a log step: throughput since the last one, MFU, memory, probes; prints the progress line."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.peak = peak_tflops(cfg.logging.peak_tflops, trainer.device)
+        self.flops_per_token = trainer.model.flops_per_token(trainer.seq_len)
+        self.progress = Progress(cfg.train.steps, trainer.counters.step)
+        self.last_time, self.last_tokens = time.perf_counter(), trainer.counters.tokens
+
+    def extend(self, record: dict[str, float]) -> dict[str, float]:
+        t = self.trainer
+        now = time.perf_counter()
+        tps = (t.counters.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, t.counters.tokens
+        record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tps,
+                      memory_gib=memory_gib(t.device), **t.probe.pop(), **state_norms(t.lane_state))
+        if self.peak is not None:
+            record["mfu"] = tps * self.flops_per_token / (self.peak * 1e12)
+        if t.cfg.logging.progress:
+            print(self.progress.line(t.counters.step, record), flush=True)
+        return record
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    """An interval event (evaluation, checkpoint) is due after ``step``: every ``every`` steps and at the end."""
+    return step == last or (every > 0 and step % every == 0)
 
 
 def _read_yaml(path: Path) -> dict:
