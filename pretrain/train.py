@@ -215,7 +215,9 @@ class Trainer:
         state = reset_rows(state, batch.reset, fresh) if self.cfg.train.carry_state else fresh
         with self.autocast():
             out = self.model(inputs, state, inputs == self.manifest.bos_id)
-        return next_token_loss(out.logits, targets), out.state.detach()
+        # contiguous: the same strides as init_state's, so a compiled block is not compiled twice
+        carried = RecurrentState({k: v.detach().contiguous() for k, v in out.state.items()})
+        return next_token_loss(out.logits, targets), carried
 
     def train_step(self, batches: Iterable[LaneBatch]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` consecutive micro-steps; skipped if not finite."""

@@ -85,16 +85,19 @@ class OptimConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ConfigError(f"lr/min_lr: expected 0 <= min_lr <= lr and lr > 0, got {self.lr}/{self.min_lr}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr: expected a positive number, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"min_lr: expected a value in [0, lr={self.lr}], got {self.min_lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: expected a non-negative integer, got {self.warmup_steps}")
         if not 0 < self.decay_fraction <= 1:
             raise ConfigError(f"decay_fraction: expected a value in (0, 1], got {self.decay_fraction}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"betas: expected two values in [0, 1), got {self.betas}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError("grad_clip and weight_decay must be non-negative")
+        for name in ("grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a non-negative number, got {getattr(self, name)}")
 
 
 @dataclass
@@ -126,8 +129,9 @@ class EvalConfig:
     """Micro-steps per evaluation, each from the val lanes' start; 0: every window of the lanes once."""
 
     def __post_init__(self) -> None:
-        if self.every < 0 or self.steps < 0:
-            raise ConfigError("every and steps must be non-negative")
+        for name in ("every", "steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
         _positive(self, "rows")
 
 

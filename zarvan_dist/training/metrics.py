@@ -61,7 +61,8 @@ class ExpertProbe:
         for name, module in model.named_modules():
             if name.endswith("expert_gate"):
                 layer = name.split(".")[-2]
-                module.register_forward_hook(self._hook(f"experts/layer_{layer}"))
+                # kept out of torch.compile: traced, its per-layer key and flag would force a recompile per block
+                module.register_forward_hook(torch.compiler.disable(self._hook(f"experts/layer_{layer}")))
 
     def _hook(self, key: str):
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
