@@ -89,7 +89,7 @@ def reference_logits(model, ids, doc_start, neighbours=None):
                 frames = [([], []) for _ in range(cfg.n_layers)]
                 g = torch.zeros(e, dtype=torch.float64)
                 open_chunk = []
-            x = p["embed.weight"][ids[b, t]] + sinusoidal(torch.tensor(pos), e).double()
+            x = p["embed.weight"][ids[b, t]] * math.sqrt(e) + sinusoidal(torch.tensor(pos), e).double()
             for i in range(cfg.n_layers):
                 q = f"blocks.{i}."
                 frames[i][0].append(x)

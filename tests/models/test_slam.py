@@ -82,7 +82,7 @@ def reference_logits(model: SlamLM, ids: torch.Tensor, doc_start: torch.Tensor) 
         bounds = [0, *[t for t in range(1, len(row)) if starts[t]], len(row)]
         parts = []
         for lo, hi in zip(bounds, bounds[1:]):
-            x = model.embed(row[lo:hi]) + sinusoidal(torch.arange(hi - lo), model.config.d_model).double()
+            x = model.embed(row[lo:hi]) * model.embed_scale + sinusoidal(torch.arange(hi - lo), model.config.d_model).double()
             parts.append(reference_document(model, x, len(row) - lo))
         logits.append(model.head(model.norm(torch.cat(parts))))
     return torch.stack(logits)

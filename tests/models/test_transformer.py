@@ -44,7 +44,7 @@ def reference_logits(model: TransformerLM, ids: torch.Tensor, doc_start: torch.T
     def lin(x, m):
         return x @ m.weight.double().T + (m.bias.double() if m.bias is not None else 0.0)
 
-    x = model.embed(ids) + sinusoidal(pos, e).double()
+    x = model.embed(ids) * math.sqrt(e) + sinusoidal(pos, e).double()
     for block in model.blocks:
         qkv = lin(ln(x, block.attn_norm), block.attn.qkv).view(batch, length, 3, h, d)
         att = torch.zeros(batch, length, h, d, dtype=torch.float64)

@@ -117,6 +117,13 @@ class CausalLM(nn.Module):
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         init_weights(self, cfg.init_std)
+        # Token embeddings are N(0, 1/E) and scaled by sqrt(E) in the forward (Vaswani et al. 3.4): at
+        # unit scale beside the sinusoidal encoding (std 0.02 would leave them ~30x below it on long
+        # documents, and models then sit at the unigram loss for hundreds of steps).
+        self.embed_scale = math.sqrt(cfg.d_model)
+        for m in self.embed.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=cfg.d_model ** -0.5)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -129,8 +136,8 @@ class CausalLM(nn.Module):
         return RecurrentState(state)
 
     def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:
-        """Token embedding plus the sinusoidal encoding of ``positions``: [B, T, E]."""
-        x = self.embed(input_ids)
+        """sqrt(E) x token embedding plus the sinusoidal encoding of ``positions``: [B, T, E]."""
+        x = self.embed(input_ids) * self.embed_scale
         x = x + sinusoidal(positions, self.config.d_model).to(x.dtype)
         return self.drop(x)
 
