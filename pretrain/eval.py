@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from pretrain.train import Trainer, _read_yaml
-from zarvan_dist.config import ConfigError, apply_overrides
+from pretrain.train import Trainer
+from zarvan_dist.config import ConfigError, apply_overrides, load_yaml
 from zarvan_dist.data import SPLITS, DatasetError
 from zarvan_dist.training.checkpoint import CheckpointError, resolve_checkpoint
 from zarvan_dist.training.config import RunConfig
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = resolve_checkpoint(args.checkpoint)
         overrides = [f"train.device={args.device}"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
-        cfg = RunConfig.from_dict(apply_overrides(_read_yaml(path / "config.yaml"), overrides))
+        cfg = RunConfig.from_dict(apply_overrides(load_yaml(path / "config.yaml"), overrides))
         trainer = Trainer(cfg)
         trainer.load_weights(path)
         result = trainer.evaluate(args.split, rows=args.rows or cfg.eval.rows, steps=args.steps)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import pickle
 import signal
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from zarvan_dist.config import ConfigError, to_dict
+from zarvan_dist.config import ConfigError, load_yaml, to_dict
 from zarvan_dist.data import DatasetError, LaneLayout, Manifest
 from zarvan_dist.data.loader import LaneBatch, LaneLoader
 from zarvan_dist.models import ModelConfig, RecurrentState, build_model
@@ -33,6 +34,7 @@ from zarvan_dist.training.checkpoint import (
     Checkpointer,
     checkpoint_name,
     load_tensors,
+    resolve_checkpoint,
     save_config,
     save_tensors,
     write_json,
@@ -291,9 +293,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Restore everything from checkpoint ``path`` (already verified)."""
-        import json
-
-        saved = RunConfig.from_dict(_read_yaml(path / "config.yaml"))
+        saved = RunConfig.from_dict(load_yaml(path / "config.yaml"))
         if saved.data.rows != self.cfg.data.rows:
             raise ConfigError(f"data.rows: the checkpoint {path} has lanes for {saved.data.rows} rows, "
                               f"this run has {self.cfg.data.rows}")
@@ -378,8 +378,6 @@ class Trainer:
             if path is None:
                 return None
         else:
-            from zarvan_dist.training.checkpoint import resolve_checkpoint
-
             path = resolve_checkpoint(mode)
         self.load(path)
         print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
@@ -423,12 +421,6 @@ class Meter:
 def _due(step: int, every: int, last: int) -> bool:
     """An interval event (evaluation, checkpoint) is due after ``step``: every ``every`` steps and at the end."""
     return step == last or (every > 0 and step % every == 0)
-
-
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    return yaml.safe_load(path.read_text())
 
 
 def _mkdir(path: Path) -> Path:
