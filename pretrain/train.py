@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 from zarvan_dist.config import ConfigError, load_yaml, to_dict
@@ -34,6 +34,7 @@ from zarvan_dist.training.checkpoint import (
     Checkpointer,
     checkpoint_name,
     load_tensors,
+    load_weights,
     resolve_checkpoint,
     save_config,
     save_tensors,
@@ -310,11 +311,7 @@ class Trainer:
 
     def load_weights(self, path: Path) -> None:
         """The model weights of checkpoint ``path``; an architecture mismatch names the tensors."""
-        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False,
-                                         device=str(self.device))
-        if missing or unexpected:
-            raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+        load_weights(self.model, path, self.device)
 
     def resolved_config(self) -> dict:
         data = self.cfg.to_dict()

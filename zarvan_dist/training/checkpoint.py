@@ -193,14 +193,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model of a checkpoint (directory, checkpoints root or run directory), weights loaded, in eval mode."""
+def load_weights(model: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
+    """Load ``path/model.safetensors`` into ``model``; a model that does not fit names the tensors."""
     from safetensors.torch import load_model
 
+    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False, device=str(device))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
+def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The model of a checkpoint (directory, checkpoints root or run directory), weights loaded, in eval mode."""
     from zarvan_dist.models import ModelConfig, build_model
 
     path = resolve_checkpoint(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     model = build_model(ModelConfig.from_dict(config["model"])).to(device)
-    load_model(model, str(path / "model.safetensors"), strict=True, device=str(device))
+    load_weights(model, path, device)
     return model.eval()
