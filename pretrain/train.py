@@ -257,13 +257,14 @@ class Trainer:
     def evaluate(self, split: str = "val", rows: int | None = None, steps: int | None = None) -> dict[str, float]:
         """Mean next-token loss over ``steps`` micro-steps of ``split``'s lanes from their start, state carried.
 
-        ``rows`` and ``steps`` default to ``eval.rows`` and ``eval.steps``; 0 steps reads every window of the lanes.
+        ``rows`` and ``steps`` default to ``eval.rows`` and ``eval.steps``; 0 (and at most) reads every window
+        of the lanes once.
         """
         if split == "val" and rows is None:
             layout = self.val_layout
         else:
             layout = LaneLayout(self.manifest.split(split).windows, rows or self.cfg.eval.rows)
-        steps = (self.cfg.eval.steps if steps is None else steps) or layout.lane_len
+        steps = min((self.cfg.eval.steps if steps is None else steps) or layout.lane_len, layout.lane_len)
         was_training = self.model.training
         self.model.eval()
         state = self.model.init_state(layout.rows, self.device)
@@ -287,7 +288,8 @@ class Trainer:
                 rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
             save_tensors(d / "rng.safetensors", rng)
             lr = learning_rate(max(self.counters.step - 1, 0), self.cfg.train.steps, self.cfg.optim)
-            write_json(d / "trainer.json", {**self.counters.state_dict(), "lr": lr})
+            write_json(d / "trainer.json", {**self.counters.state_dict(), "lr": lr,
+                                            "train_windows": self.layout.num_windows, "seq_len": self.seq_len})
             save_config(d / "config.yaml", self.resolved_config())
 
         return self.checkpointer.save(self.counters.step, write)
@@ -295,9 +297,15 @@ class Trainer:
     def load(self, path: Path) -> None:
         """Restore everything from checkpoint ``path`` (already verified)."""
         saved = RunConfig.from_dict(load_yaml(path / "config.yaml"))
-        if saved.data.rows != self.cfg.data.rows:
-            raise ConfigError(f"data.rows: the checkpoint {path} has lanes for {saved.data.rows} rows, "
-                              f"this run has {self.cfg.data.rows}")
+        counters = json.loads((path / "trainer.json").read_text())
+        lanes = {"data.rows": (saved.data.rows, self.cfg.data.rows),
+                 "data.rotation_seed": (saved.data.rotation_seed, self.cfg.data.rotation_seed),
+                 "train windows": (counters.get("train_windows"), self.layout.num_windows),
+                 "seq_len": (counters.get("seq_len"), self.seq_len)}
+        for name, (was, now) in lanes.items():
+            if was != now:
+                raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
+                                  f"its lane cursor and states would not fit (start afresh with --resume none)")
         self.load_weights(path)
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
         self.lane_state = RecurrentState(load_tensors(path / "lanes.safetensors", self.device))
@@ -307,7 +315,7 @@ class Trainer:
             cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
             if cuda:
                 torch.cuda.set_rng_state_all(cuda)
-        self.counters.load_state_dict(json.loads((path / "trainer.json").read_text()))
+        self.counters.load_state_dict({k: v for k, v in counters.items() if k in self.counters.state_dict()})
 
     def load_weights(self, path: Path) -> None:
         """The model weights of checkpoint ``path``; an architecture mismatch names the tensors."""
@@ -336,8 +344,9 @@ class Trainer:
                 self.probe.active = log_now
                 record = self.train_step(islice(batches, cfg.train.grad_accum))
                 self.probe.active = False
-                self.check_bad_steps(record)
                 self.metrics.log(step, self.meter.extend(record) if log_now else record)
+                self.check_bad_steps(record)
+                started = time.perf_counter()
                 if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
                     result = self.evaluate()
                     self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
@@ -346,6 +355,7 @@ class Trainer:
                 if _due(step, cfg.checkpoint.every, cfg.train.steps):
                     self.save()
                     saved = step
+                self.meter.last_time += time.perf_counter() - started  # tokens/s counts training time only
             if self.stop_signal is not None and self.counters.step < cfg.train.steps:
                 path = self.save() if saved != self.counters.step else self.checkpointer.root / checkpoint_name(saved)
                 print(f"signal {signal.Signals(self.stop_signal).name}: checkpoint {path} written; "
@@ -377,6 +387,8 @@ class Trainer:
         else:
             path = resolve_checkpoint(mode)
         self.load(path)
+        if path.parent.resolve() == self.checkpointer.root.resolve():
+            self.checkpointer.point_latest(path)  # a requeue with auto continues from here, not a newer abandoned one
         print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
               f"{self.counters.tokens:,} tokens", flush=True)
         return self.counters.step

@@ -7,7 +7,7 @@ Layout of ``RUN/checkpoints``::
         optimizer.pt          optimizer state dict (tensors and plain data; read with weights_only)
         lanes.safetensors     each row's recurrent state, leading dimension G (global rows)
         rng.safetensors       torch RNG states (CPU, and each CUDA device)
-        trainer.json          step, micro-step, tokens seen, skipped steps, learning rate
+        trainer.json          step, micro-step, tokens seen, skipped steps, learning rate, the lanes' shape
         config.yaml           the resolved run config
         meta.json             every other file's size and sha256 (written last)
     latest                    name of the newest complete checkpoint (updated after the rename)
@@ -103,17 +103,23 @@ class Checkpointer:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         write_json(tmp / META, {"step": step, "files": files})
+        _fsync_file(tmp / META)
         _fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a re-run after a kill): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = self.root / f"{TMP_PREFIX}{LATEST}"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, self.root / LATEST)
-        _fsync_dir(self.root)
+        self.point_latest(final)
         for old in self.checkpoints()[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    def point_latest(self, path: Path) -> None:
+        """Make ``latest`` name checkpoint ``path`` (atomically)."""
+        latest_tmp = self.root / f"{TMP_PREFIX}{LATEST}"
+        latest_tmp.write_text(path.name + "\n")
+        _fsync_file(latest_tmp)
+        os.replace(latest_tmp, self.root / LATEST)
+        _fsync_dir(self.root)
 
     def remove_partial(self) -> None:
         """Delete temporary directories left by a run killed while saving."""

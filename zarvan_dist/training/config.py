@@ -72,7 +72,7 @@ class OptimConfig:
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     """cosine: warmup then cosine decay to min_lr; wsd: warmup, stable, then linear decay; constant."""
     warmup_steps: int = 10
-    """Steps of linear warmup from 0 to lr."""
+    """Steps of linear warmup, from lr / (warmup_steps + 1) up to lr."""
     decay_fraction: float = 0.2
     """wsd: the share of the steps (at the end) spent decaying to min_lr."""
     weight_decay: float = 0.1

@@ -112,9 +112,9 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step hides the events a killed run wrote past the checkpoint
+            # purge_step hides the events a killed run wrote past the checkpoint (all of them on a fresh start)
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                        purge_step=None if resume_step is None else resume_step + 1)
+                                        purge_step=0 if resume_step is None else resume_step + 1)
         self._file = self.path.open("a")
 
     def _truncate(self, step: int) -> None:
@@ -133,8 +133,9 @@ class MetricsLogger:
         os.replace(tmp, self.path)
 
     def log(self, step: int, record: dict[str, float], tensorboard: bool = True) -> None:
-        """One JSON line ``{"step": step, **record}``; scalars to TensorBoard when ``tensorboard``."""
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        """One JSON line ``{"step": step, **record}`` (non-finite numbers as null); scalars to TensorBoard."""
+        line = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self._file.write(json.dumps({"step": step, **line}, allow_nan=False) + "\n")
         self._file.flush()
         if self.writer is not None and tensorboard:
             for key, value in record.items():
