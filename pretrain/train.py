@@ -303,7 +303,7 @@ class Trainer:
                  "train windows": (counters.get("train_windows"), self.layout.num_windows),
                  "seq_len": (counters.get("seq_len"), self.seq_len)}
         for name, (was, now) in lanes.items():
-            if was != now:
+            if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
         self.load_weights(path)
