@@ -138,14 +138,11 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def reset_rows(state: RecurrentState, rows: torch.Tensor, fresh: RecurrentState) -> RecurrentState:
-    """``state`` with the rows where ``rows`` [B] is True replaced by ``fresh``'s."""
+    """``state`` with the rows where ``rows`` [B] is True replaced by ``fresh``'s (in place)."""
     if not bool(rows.any()):
         return state
-    out = {}
-    for name, value in state.items():
-        mask = rows.view(-1, *[1] * (value.dim() - 1)).to(value.device)
-        out[name] = torch.where(mask, fresh[name].to(value.dtype), value)
-    return RecurrentState(out)
+    rows = rows.to(state["pos"].device)  # every causal model carries its position counter
+    return state.write_(rows, fresh.select(rows))
 
 
 def nonfinite_rows(state: RecurrentState) -> torch.Tensor:

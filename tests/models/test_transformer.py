@@ -136,18 +136,6 @@ def test_no_logit_reads_the_future(arch):
     assert torch.equal(logits[:, reach + 1:], base[:, reach + 1:])
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_document_start_resets_the_row(arch):
-    model = random_model(arch)
-    doc_a, doc_b = torch.randint(0, VOCAB, (1, 13)), torch.randint(0, VOCAB, (1, 19))
-    both = torch.cat([doc_a, doc_b], 1)
-    doc_start = torch.zeros_like(both, dtype=torch.bool)
-    doc_start[0, 13] = True
-    together = model(both, doc_start=doc_start).logits[:, 13:]
-    alone = model(doc_b, model.init_state(1)).logits
-    assert rel_err(together, alone) <= 1e-5
-
-
 def hand_count(cfg: ModelConfig) -> tuple[int, int]:
     """(embedding tables, everything else) of a transformer/zephyra config, counted by hand."""
     e, f, v = cfg.d_model, cfg.ffn_dim, cfg.vocab_size
