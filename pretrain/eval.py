@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = resolve_checkpoint(args.checkpoint)
-        overrides = [f"train.device={args.device}"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+        overrides = ["engine=single", f"train.device={args.device}"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
         cfg = RunConfig.from_dict(apply_overrides(load_yaml(path / "config.yaml"), overrides))
         trainer = Trainer(cfg)
         trainer.load_weights(path)

@@ -3,6 +3,10 @@
 Each row of the global batch streams its lane of the train split (``zarvan_dist.data.lanes``) and
 carries its recurrent state from one window to the next. The micro-step is the data cursor, so a
 checkpoint plus the lane states is everything a resumed run needs to continue exactly.
+
+One process, or many under torchrun / the deepspeed launcher (``engine: ddp | fsdp | deepspeed``):
+rank r of R streams rows [r*G/R, (r+1)*G/R) of the G-row global batch; loss, tokens and metrics are
+reduced over the ranks and only rank 0 writes metrics and TensorBoard.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import json
 import math
 import pickle
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +46,14 @@ from zarvan_dist.training.checkpoint import (
     write_json,
 )
 from zarvan_dist.training.config import RunConfig, load_run_config
+from zarvan_dist.training.engines import (
+    FORMATS,
+    Collective,
+    build_engine,
+    convert_to_universal,
+    init_distributed,
+    shutdown_distributed,
+)
 from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
 from zarvan_dist.training.schedule import learning_rate
 
@@ -162,29 +175,40 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.manifest = Manifest.load(cfg.data.dir)
-        self.device = resolve_device(cfg.train.device)
+        self.env, self.device = init_distributed(cfg.engine, resolve_device(cfg.train.device))
+        self.comm = Collective(self.env, self.device)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.model_cfg = resolve_model_config(cfg, self.manifest)
         self.seq_len = self.manifest.seq_len
         train_windows = self.manifest.split("train").windows
         try:
             self.layout = LaneLayout(train_windows, cfg.data.rows, cfg.data.rotation_seed)
+            self.rows = self.layout.rank_rows(self.env.rank, self.env.world)
         except ValueError as exc:
             raise ConfigError(f"data.rows: {exc} (train split of {cfg.data.dir})") from None
         self.val_layout = self._val_layout()
-
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(self.model_cfg).to(self.device)
-        self.probe = ExpertProbe(self.model)
-        self.optimizer = build_optimizer(self.model, cfg)
-        if cfg.train.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
-        if cfg.train.compile:
-            apply_compile(self.model)
-        self.counters = Counters()
-        self.lane_state = self.model.init_state(cfg.data.rows, self.device)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", keep=cfg.checkpoint.keep)
+        self._resume_path: Path | None | bool = False  # False: not looked up yet
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        model = build_model(self.model_cfg).to(self.device)
+        self.flops_per_token = model.flops_per_token(self.seq_len)  # before ZeRO-3 partitions the parameters
+        self.probe = ExpertProbe(model)
+        if cfg.train.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cfg.train.compile:
+            apply_compile(model)
+        if self.env.rank:
+            torch.manual_seed(cfg.seed + self.env.rank)  # each rank its own dropout stream
+        self.universal: Path | None = self._prepare_universal()
+        self.engine = build_engine(model, lambda m: build_optimizer(m, cfg), cfg, self.env, self.device,
+                                   load_universal=self.universal is not None)
+        self.model = self.engine.module
+        self.optimizer = self.engine.optimizer
+        self.counters = Counters()
+        self.lane_state = self.model.init_state(len(self.rows), self.device)
         self.stop_signal: int | None = None
+        self.stop_agreed = False
 
     # ---- wiring
     def _val_layout(self) -> LaneLayout | None:
@@ -193,6 +217,9 @@ class Trainer:
             print(f"note: the val split has {windows} windows, fewer than eval.rows={self.cfg.eval.rows}: "
                   f"no validation", file=sys.stderr)
             return None
+        if self.cfg.eval.rows % self.env.world:
+            raise ConfigError(f"eval.rows: the {self.cfg.eval.rows} validation rows do not divide among "
+                              f"{self.env.world} ranks")
         return LaneLayout(windows, self.cfg.eval.rows)
 
     def autocast(self):
@@ -203,7 +230,7 @@ class Trainer:
     def train_batches(self) -> Iterator[LaneBatch]:
         """The train lanes from the current micro-step on."""
         d = self.cfg.data
-        return iter(LaneLoader(d.dir, "train", self.layout, start=self.counters.micro_step,
+        return iter(LaneLoader(d.dir, "train", self.layout, rows=self.rows, start=self.counters.micro_step,
                                workers=d.workers, prefetch=d.prefetch))
 
     # ---- one step
@@ -214,34 +241,37 @@ class Trainer:
         fresh = self.model.init_state(inputs.shape[0], self.device)
         state = reset_rows(state, batch.reset, fresh) if self.cfg.train.carry_state else fresh
         with self.autocast():
-            out = self.model(inputs, state, inputs == self.manifest.bos_id)
+            out = self.engine.forward(inputs, state, inputs == self.manifest.bos_id)
         # contiguous: the same strides as init_state's, so a compiled block is not compiled twice
         carried = RecurrentState({k: v.detach().contiguous() for k, v in out.state.items()})
         return next_token_loss(out.logits, targets), carried
 
     def train_step(self, batches: Iterable[LaneBatch]) -> dict[str, float]:
-        """One optimizer step over ``grad_accum`` consecutive micro-steps; skipped if not finite."""
+        """One optimizer step over ``grad_accum`` consecutive micro-steps; skipped if not finite.
+
+        In a job the loss is the mean over every rank's rows, and every rank learns whether any
+        rank was asked to stop (``stop_agreed``), so all of them stop after the same step.
+        """
         cfg = self.cfg
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        ga = cfg.train.grad_accum
+        self.engine.train(True)
+        self.engine.zero_grad()
         total = torch.zeros((), device=self.device)
-        for batch in batches:
+        for i, batch in enumerate(islice(batches, ga)):
             loss, self.lane_state = self.forward_window(batch, self.lane_state)
-            (loss / cfg.train.grad_accum).backward()
+            self.engine.backward(loss, last=i == ga - 1)
             total += loss.detach()
             self.counters.micro_step += 1
-            self.counters.tokens += batch.targets.numel()
-        loss = float(total) / cfg.train.grad_accum
+            self.counters.tokens += batch.targets.numel() * self.env.world
+        loss_sum, stops = self.comm.sum([float(total), float(self.stop_signal is not None)])
+        self.stop_agreed = stops > 0
+        loss = loss_sum / (ga * self.env.world)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         lr = learning_rate(self.counters.step, cfg.train.steps, cfg.optim)
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        grad_norm, applied = self.engine.step(lr, clip, math.isfinite(loss))
+        if applied:
             self.counters.bad_in_row = 0
         else:
-            self.optimizer.zero_grad(set_to_none=True)
             self.counters.skipped_steps += 1
             self.counters.bad_in_row += 1
             bad = nonfinite_rows(self.lane_state)
@@ -261,38 +291,51 @@ class Trainer:
             layout = self.val_layout
         else:
             layout = LaneLayout(self.manifest.split(split).windows, rows or self.cfg.eval.rows)
+        mine = layout.rank_rows(self.env.rank, self.env.world)
         steps = min((self.cfg.eval.steps if steps is None else steps) or layout.lane_len, layout.lane_len)
-        was_training = self.model.training
-        self.model.eval()
-        state = self.model.init_state(layout.rows, self.device)
+        was_training = self.engine.training
+        self.engine.train(False)
+        state = self.model.init_state(len(mine), self.device)
         total, count = 0.0, 0
-        for batch in islice(LaneLoader(self.cfg.data.dir, split, layout), steps):
+        for batch in islice(LaneLoader(self.cfg.data.dir, split, layout, rows=mine), steps):
             loss, state = self.forward_window(batch, state)
             total += float(loss) * batch.targets.numel()
             count += batch.targets.numel()
-        self.model.train(was_training)
+        self.engine.train(was_training)
+        total, count = self.comm.sum([total, count])
+        count = int(count)
         mean = total / count
         return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": count, "windows": steps * layout.rows}
 
     # ---- checkpoints
     def save(self) -> Path:
-        def write(d: Path) -> None:
-            save_model(self.model, str(d / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), d / "optimizer.pt")
-            save_tensors(d / "lanes.safetensors", self.lane_state.to_dict())
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-            save_tensors(d / "rng.safetensors", rng)
-            lr = learning_rate(max(self.counters.step - 1, 0), self.cfg.train.steps, self.cfg.optim)
-            write_json(d / "trainer.json", {**self.counters.state_dict(), "lr": lr,
-                                            "train_windows": self.layout.num_windows, "seq_len": self.seq_len})
-            save_config(d / "config.yaml", self.resolved_config())
-
-        return self.checkpointer.save(self.counters.step, write)
+        """Write checkpoint ``step-N`` (collective: every rank calls it; rank 0 seals it)."""
+        step = self.counters.step
+        main = self.env.main
+        tmp = self.checkpointer.begin(step) if main else None
+        tmp = Path(self.comm.broadcast(str(tmp) if tmp else None))
+        self.engine.save(tmp)
+        lanes = self.comm.gather_rows(self.lane_state.to_dict())
+        rngs = self.comm.gather_objects(_rng_state(self.device))
+        if main:
+            save_tensors(tmp / "lanes.safetensors", lanes)
+            save_tensors(tmp / "rng.safetensors",
+                         {f"{name}.rank{r}": t for r, rng in enumerate(rngs) for name, t in rng.items()})
+            lr = learning_rate(max(step - 1, 0), self.cfg.train.steps, self.cfg.optim)
+            extra = {"zero_stage": self.engine.ds_config["zero_optimization"]["stage"]} \
+                if self.cfg.engine == "deepspeed" else {}
+            write_json(tmp / "trainer.json", {**self.counters.state_dict(), "lr": lr,
+                                              "train_windows": self.layout.num_windows, "seq_len": self.seq_len,
+                                              "engine": self.cfg.engine, "world_size": self.env.world, **extra})
+            save_config(tmp / "config.yaml", self.resolved_config())
+        self.comm.barrier()
+        if main:
+            self.checkpointer.commit(step)
+        self.comm.barrier()
+        return self.checkpointer.root / checkpoint_name(step)
 
     def load(self, path: Path) -> None:
-        """Restore everything from checkpoint ``path`` (already verified)."""
+        """Restore everything from checkpoint ``path`` (already verified); collective in a job."""
         saved = RunConfig.from_dict(load_yaml(path / "config.yaml"))
         counters = json.loads((path / "trainer.json").read_text())
         lanes = {"data.rows": (saved.data.rows, self.cfg.data.rows),
@@ -303,20 +346,45 @@ class Trainer:
             if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
-        self.load_weights(path)
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        self.lane_state = RecurrentState(load_tensors(path / "lanes.safetensors", self.device))
-        rng = load_tensors(path / "rng.safetensors")
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available():
-            cuda = [rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in rng]
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
+        engine = counters.get("engine", "single")
+        if FORMATS[engine] != self.engine.format:
+            raise ConfigError(f"engine: the checkpoint {path} was written by engine {engine}, whose files "
+                              f"engine {self.cfg.engine} cannot resume; resume with engine: {engine}, or start "
+                              f"from its weights: python -m pretrain.export {path} OUT")
+        if self.universal is not None:
+            self.engine.load(self.universal)
+            self.comm.barrier()
+            if self.env.main:
+                shutil.rmtree(self.universal, ignore_errors=True)
+            self.universal = None
+        else:
+            self.engine.load(path)
+        state = load_tensors(path / "lanes.safetensors", self.device)
+        self.lane_state = RecurrentState({k: v[self.rows.start:self.rows.stop].contiguous() for k, v in state.items()})
+        self._load_rng(load_tensors(path / "rng.safetensors"), counters.get("world_size", 1), int(counters["step"]))
         self.counters.load_state_dict({k: v for k, v in counters.items() if k in self.counters.state_dict()})
 
+    def _load_rng(self, rng: dict[str, torch.Tensor], saved_world: int, step: int) -> None:
+        rank = self.env.rank
+        if "cpu" in rng:  # written before the ranks were recorded: one process
+            rng = {"cpu.rank0": rng["cpu"]}
+        if saved_world != self.env.world or f"cpu.rank{rank}" not in rng:
+            # another world size: a rank's stream cannot be carried over; a fresh, reproducible one
+            torch.manual_seed(self.cfg.seed + 1_000_003 * step + rank)
+            if self.env.main:
+                print(f"note: the checkpoint was written by {saved_world} ranks, this run has {self.env.world}: "
+                      f"each rank's dropout stream is seeded anew", file=sys.stderr)
+            return
+        torch.set_rng_state(rng[f"cpu.rank{rank}"])
+        if self.device.type == "cuda" and f"cuda.rank{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], self.device)
+
     def load_weights(self, path: Path) -> None:
-        """The model weights of checkpoint ``path``; an architecture mismatch names the tensors."""
-        load_weights(self.model, path, self.device)
+        """The model weights of checkpoint ``path`` (any engine's) into a single-process model."""
+        if self.env.world > 1 or self.cfg.engine != "single":
+            self.engine.load_model_only(path)
+        else:
+            load_weights(self.model, path, self.device)
 
     def resolved_config(self) -> dict:
         data = self.cfg.to_dict()
@@ -329,17 +397,20 @@ class Trainer:
         cfg = self.cfg
         self.install_signal_handlers()
         resumed = self.resume()
-        save_config(_mkdir(self.run_dir) / "config.yaml", self.resolved_config())
-        self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
+        if self.env.main:
+            save_config(_mkdir(self.run_dir) / "config.yaml", self.resolved_config())
+            self.metrics = MetricsLogger(self.run_dir, cfg.logging.tensorboard, resumed)
+        else:
+            self.metrics = _NoMetrics()
         self.meter = Meter(self)
         saved = resumed
         batches = self.train_batches()
         try:
-            while self.counters.step < cfg.train.steps and self.stop_signal is None:
+            while self.counters.step < cfg.train.steps and not self.stopping():
                 step = self.counters.step + 1
                 log_now = step % cfg.logging.every == 0 or step == cfg.train.steps
                 self.probe.active = log_now
-                record = self.train_step(islice(batches, cfg.train.grad_accum))
+                record = self.train_step(batches)
                 self.probe.active = False
                 self.metrics.log(step, self.meter.extend(record) if log_now else record)
                 self.check_bad_steps(record)
@@ -347,21 +418,27 @@ class Trainer:
                 if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
                     result = self.evaluate()
                     self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
-                    print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}",
-                          flush=True)
+                    if self.env.main:
+                        print(f"step {step}: val loss {result['loss']:.4f}, "
+                              f"perplexity {result['perplexity']:.2f}", flush=True)
                 if _due(step, cfg.checkpoint.every, cfg.train.steps):
                     self.save()
                     saved = step
                 self.meter.last_time += time.perf_counter() - started  # tokens/s counts training time only
-            if self.stop_signal is not None and self.counters.step < cfg.train.steps:
+            if self.stopping() and self.counters.step < cfg.train.steps:
                 path = self.save() if saved != self.counters.step else self.checkpointer.root / checkpoint_name(saved)
-                print(f"signal {signal.Signals(self.stop_signal).name}: checkpoint {path} written; "
+                why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else "stop asked by a rank"
+                print(f"{why}: checkpoint {path} written; rank {self.env.rank} "
                       f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
                 return REQUEUE_EXIT_CODE
         finally:
             batches.close()
             self.metrics.close()
         return 0
+
+    def stopping(self) -> bool:
+        """A stop was asked: by a signal to this process, or (in a job) to any rank as of the last step."""
+        return self.stop_agreed if self.comm.active else self.stop_signal is not None
 
     def check_bad_steps(self, record: dict[str, float]) -> None:
         """Stop the run after ``train.max_bad_steps`` non-finite steps in a row."""
@@ -371,23 +448,51 @@ class Trainer:
                 f"(step {self.counters.step}: loss {record['loss']}, grad norm {record['grad_norm']}); stopping. "
                 f"Lower optim.lr, check the data, or resume from the last checkpoint in {self.checkpointer.root}")
 
+    def resume_path(self) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names (rank 0 looks, every rank gets its answer); None: afresh."""
+        if self._resume_path is False:
+            found = None
+            if self.env.main:
+                mode = self.cfg.checkpoint.resume
+                self.checkpointer.remove_partial()
+                if mode == "auto":
+                    found = self.checkpointer.find_resume()
+                elif mode != "none":
+                    found = resolve_checkpoint(mode)
+            found = self.comm.broadcast(str(found) if found else None)
+            self._resume_path = Path(found) if found else None
+        return self._resume_path
+
+    def _prepare_universal(self) -> Path | None:
+        """DeepSpeed resuming a ZeRO checkpoint of another world size: its universal conversion (rank 0 writes it)."""
+        if self.cfg.engine != "deepspeed":
+            return None
+        path = self.resume_path()
+        if path is None:
+            return None
+        saved = json.loads((path / "trainer.json").read_text())
+        if saved.get("world_size", 1) == self.env.world or saved.get("zero_stage", 0) == 0:
+            return None  # same partitioning, or ZeRO-0 (nothing partitioned)
+        target = self.checkpointer.root / f".tmp-universal-{path.name}"
+        if self.env.main:
+            print(f"converting {path} ({saved.get('world_size')} ranks) to a universal checkpoint for "
+                  f"{self.env.world} ranks", flush=True)
+            shutil.rmtree(target, ignore_errors=True)
+            convert_to_universal(path, target)
+        self.comm.barrier()
+        return target
+
     def resume(self) -> int | None:
         """Load the checkpoint ``checkpoint.resume`` names; returns its step, or None when starting afresh."""
-        mode = self.cfg.checkpoint.resume
-        self.checkpointer.remove_partial()
-        if mode == "none":
+        path = self.resume_path()
+        if path is None:
             return None
-        if mode == "auto":
-            path = self.checkpointer.find_resume()
-            if path is None:
-                return None
-        else:
-            path = resolve_checkpoint(mode)
         self.load(path)
-        if path.parent.resolve() == self.checkpointer.root.resolve():
+        if self.env.main and path.parent.resolve() == self.checkpointer.root.resolve():
             self.checkpointer.point_latest(path)  # a requeue with auto continues from here, not a newer abandoned one
-        print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
-              f"{self.counters.tokens:,} tokens", flush=True)
+        if self.env.main:
+            print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
+                  f"{self.counters.tokens:,} tokens, {self.env.world} rank(s)", flush=True)
         return self.counters.step
 
     def install_signal_handlers(self) -> None:
@@ -406,7 +511,7 @@ class Meter:
         self.trainer = trainer
         cfg = trainer.cfg
         self.peak = peak_tflops(cfg.logging.peak_tflops, trainer.device)
-        self.flops_per_token = trainer.model.flops_per_token(trainer.seq_len)
+        self.flops_per_token = trainer.flops_per_token
         self.progress = Progress(cfg.train.steps, trainer.counters.step)
         self.last_time, self.last_tokens = time.perf_counter(), trainer.counters.tokens
 
@@ -415,13 +520,35 @@ class Meter:
         now = time.perf_counter()
         tps = (t.counters.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, t.counters.tokens
+        # every rank has the same keys: expert shares and squared state norms are means over equal row counts
+        squares = {k: v * v for k, v in state_norms(t.lane_state).items()}
+        shared = t.comm.mean_dict({**t.probe.pop(), **squares})
+        shared.update({k: math.sqrt(shared[k]) for k in squares})
         record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tps,
-                      memory_gib=memory_gib(t.device), **t.probe.pop(), **state_norms(t.lane_state))
-        if self.peak is not None:
-            record["mfu"] = tps * self.flops_per_token / (self.peak * 1e12)
-        if t.cfg.logging.progress:
+                      memory_gib=t.comm.max(memory_gib(t.device)), **shared)
+        if self.peak is not None:  # MFU of the job: its tokens/s over the peak of all its devices
+            record["mfu"] = tps * self.flops_per_token / (self.peak * 1e12 * t.env.world)
+        if t.cfg.logging.progress and t.env.main:
             print(self.progress.line(t.counters.step, record), flush=True)
         return record
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def log(self, step: int, record: dict[str, float], tensorboard: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and, on a GPU, its device's."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -456,3 +583,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a checkpoint file holds more than tensors and plain data; refusing to load it: {exc}",
               file=sys.stderr)
         return 1
+    finally:
+        shutdown_distributed()

@@ -3,18 +3,22 @@
 Layout of ``RUN/checkpoints``::
 
     step-00000100/            one checkpoint (the optimizer step it was taken after)
-        model.safetensors     model weights (shared tensors stored once)
-        optimizer.pt          optimizer state dict (tensors and plain data; read with weights_only)
+        model.safetensors     model weights (shared tensors stored once)           engines single, ddp
+        optimizer.pt          optimizer state dict (tensors and plain data)        engines single, ddp
+        dcp/                  torch.distributed.checkpoint of model + optimizer     engine fsdp (reshardable)
+        deepspeed/            DeepSpeed's save_checkpoint (tag "deepspeed")        engine deepspeed
         lanes.safetensors     each row's recurrent state, leading dimension G (global rows)
-        rng.safetensors       torch RNG states (CPU, and each CUDA device)
-        trainer.json          step, micro-step, tokens seen, skipped steps, learning rate, the lanes' shape
+        rng.safetensors       each rank's torch RNG states (cpu.rank{r}, cuda.rank{r})
+        trainer.json          step, micro-step, tokens seen, skipped steps, learning rate, the lanes' shape,
+                              engine and world size
         config.yaml           the resolved run config
-        meta.json             every other file's size and sha256 (written last)
+        meta.json             every other file's size and sha256, subdirectories included (written last)
     latest                    name of the newest complete checkpoint (updated after the rename)
     .tmp-step-00000100/       a checkpoint being written (removed at the next start)
 
-Loading never unpickles arbitrary objects: tensors come from safetensors or ``torch.load`` with
-``weights_only=True``, the rest is JSON and YAML. A checkpoint whose files do not match its
+Loading never unpickles arbitrary objects: tensors come from safetensors, DCP or ``torch.load`` with
+``weights_only=True``, the rest is JSON and YAML. The exception is DeepSpeed's own files, which
+DeepSpeed reads with its own loader (it unpickles): they are checked against meta.json first. A checkpoint whose files do not match its
 ``meta.json`` is skipped with a warning in favour of the previous one.
 """
 
@@ -91,20 +95,31 @@ class Checkpointer:
 
     def save(self, step: int, write: Callable[[Path], None]) -> Path:
         """Create checkpoint ``step``: ``write(tmpdir)`` fills it; then meta, rename, ``latest``, prune."""
+        tmp = self.begin(step)
+        write(tmp)
+        return self.commit(step)
+
+    def begin(self, step: int) -> Path:
+        """The empty temporary directory of checkpoint ``step`` (in a job: rank 0 calls it, then a barrier)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / checkpoint_name(step)
-        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        tmp = self.root / f"{TMP_PREFIX}{checkpoint_name(step)}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        write(tmp)
-        for p in tmp.iterdir():
+        return tmp
+
+    def commit(self, step: int) -> Path:
+        """Seal the filled temporary directory: meta.json, rename, ``latest``, prune (rank 0, after a barrier)."""
+        final = self.root / checkpoint_name(step)
+        tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        paths = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for p in paths:
             _fsync_file(p)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in paths}
         write_json(tmp / META, {"step": step, "files": files})
         _fsync_file(tmp / META)
-        _fsync_dir(tmp)
+        for d in sorted({p.parent for p in paths}, reverse=True):
+            _fsync_dir(d)
         if final.exists():  # the same step saved again (e.g. a re-run after a kill): replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -200,20 +215,72 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load ``path/model.safetensors`` into ``model``; a model that does not fit names the tensors."""
-    from safetensors.torch import load_model
+    """Load the weights of checkpoint ``path`` into a bare (unwrapped) ``model``, whatever engine wrote them.
 
-    missing, unexpected = load_model(model, str(Path(path) / "model.safetensors"), strict=False, device=str(device))
+    ``model.safetensors`` (single, ddp), ``dcp/`` (fsdp: read without a process group) or
+    ``deepspeed/`` (any ZeRO stage: DeepSpeed's ``zero_to_fp32`` consolidation). A model that does
+    not fit names the tensors.
+    """
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_model
+
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
+    elif (path / "dcp").is_dir():
+        missing, unexpected = _load_dcp_weights(model, path / "dcp")
+    elif (path / "deepspeed").is_dir():
+        missing, unexpected = model.load_state_dict(consolidate_deepspeed(path), strict=False)
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors, dcp/ or deepspeed/ in this checkpoint")
     if missing or unexpected:
-        raise CheckpointError(f"{path}/model.safetensors does not fit this model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path}: the checkpoint's weights do not fit this model: missing {list(missing)[:5]}, "
+                              f"unexpected {list(unexpected)[:5]}")
+
+
+def _load_dcp_weights(model: torch.nn.Module, directory: Path) -> tuple[list[str], list[str]]:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - any unreadable metadata is the same error to the user
+        raise CheckpointError(f"{directory}: unreadable DCP metadata ({exc})") from None
+    saved = {k[len("model."):] for k in metadata.state_dict_metadata if k.startswith("model.")}
+    wanted = model.state_dict()
+    missing = sorted(set(wanted) - saved)
+    unexpected = sorted(saved - set(wanted))
+    if missing or unexpected:
+        return missing, unexpected
+    state = {"model": wanted}
+    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    return [], []
+
+
+def consolidate_deepspeed(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full float32 model state dict of a DeepSpeed checkpoint directory (its ``deepspeed/`` tag)."""
+    path = Path(path)
+    tag = path / "deepspeed"
+    stage = json.loads((path / "trainer.json").read_text()).get("zero_stage", 0)
+    if stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+        return {k: v.float() for k, v in state.items()}
+    # ZeRO stage 0: the whole module is in the model-states file
+    files = sorted(tag.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{tag}: no mp_rank_*_model_states.pt")
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in saved["module"].items()}
 
 
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model of a checkpoint (directory, checkpoints root or run directory), weights loaded, in eval mode."""
+    """The model of a checkpoint (directory, checkpoints root or run directory) or of a ``pretrain.export``
+    directory, weights loaded, in eval mode."""
     from zarvan_dist.models import ModelConfig, build_model
 
-    path = resolve_checkpoint(path)
+    path = Path(path)
+    if not (path / "export.json").is_file():
+        path = resolve_checkpoint(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     model = build_model(ModelConfig.from_dict(config["model"])).to(device)
     load_weights(model, path, device)

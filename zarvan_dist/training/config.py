@@ -155,6 +155,35 @@ class LoggingConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``engine: fsdp``: FSDP2 ``fully_shard`` on every block and the root."""
+
+    cpu_offload: bool = False
+    """Keep the sharded parameters, gradients and optimizer state in CPU memory (CPUOffloadPolicy)."""
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (ZeRO-3-like); false keeps them until backward."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    """``engine: deepspeed``: the ZeRO stage and offload; a full DeepSpeed config file may be given as a base."""
+
+    zero_stage: int = 1
+    """ZeRO stage: 0 (data parallel), 1 (optimizer state sharded), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Optimizer state and update on the CPU (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Parameters in CPU memory between uses (ZeRO-3 only)."""
+    config: str | None = None
+    """A DeepSpeed config file (JSON or YAML, relative to the run config) whose keys are the base; batch sizes,
+    accumulation and clipping are always the run config's."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; its resolved form is saved with every checkpoint."""
 
@@ -164,8 +193,12 @@ class RunConfig:
     """The model (vocab_size is taken from the dataset's tokenizer)."""
     seed: int = 0
     """Seed of the weight initialisation and of dropout."""
-    engine: Literal["single"] = "single"
-    """How the model is wrapped: single (one process, CPU or one GPU)."""
+    engine: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    """How the model is wrapped: single (one process, CPU or one GPU), ddp, fsdp (FSDP2) or deepspeed (ZeRO)."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """FSDP2 options (engine: fsdp)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed options (engine: deepspeed)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The shards and the lanes."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -210,6 +243,9 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
             base = path.parent / base
         model = {**load_yaml(base), **model}
     data["model"] = model
+    ds = data.get("deepspeed")
+    if isinstance(ds, dict) and isinstance(ds.get("config"), str) and not Path(ds["config"]).is_absolute():
+        data["deepspeed"] = {**ds, "config": str(path.parent / ds["config"])}
     try:
         return RunConfig.from_dict(data)
     except ConfigError as exc:

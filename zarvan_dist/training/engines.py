@@ -1,0 +1,487 @@
+"""Engines: how one model is wrapped for training, without touching the model files.
+
+``single``    one process (CPU or one GPU)
+``ddp``       torch DistributedDataParallel: every rank holds the whole model and optimizer
+``fsdp``      FSDP2 ``fully_shard`` per block then the root, mixed-precision policy, optional CPU
+              offload; checkpoints through torch.distributed.checkpoint (DCP), reshardable
+``deepspeed`` ``deepspeed.initialize`` with a ZeRO stage 0-3 and optional offload; checkpoints in
+              DeepSpeed's own format, converted to a universal checkpoint to change world size
+
+Every engine gives the trainer the same four verbs: ``forward``, ``backward`` (one micro-step),
+``step`` (clip, set the learning rate, update; skipped when not finite) and ``save`` / ``load``
+of the model and optimizer files inside a checkpoint directory. The process group comes from
+the launcher's environment (torchrun and the deepspeed launcher set RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a distributed engine started without a launcher runs as
+a world of one. The backend is NCCL on GPUs and gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_model
+from torch import nn
+
+from zarvan_dist.config import ConfigError, load_yaml
+from zarvan_dist.training.checkpoint import CheckpointError, load_weights
+
+ENGINES = ("single", "ddp", "fsdp", "deepspeed")
+FORMATS = {"single": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
+"""Checkpoint format of each engine: ``full`` (model.safetensors + optimizer.pt), ``dcp`` (DCP files
+under ``dcp/``) or ``deepspeed`` (DeepSpeed's files under ``deepspeed/``)."""
+DCP_DIR = "dcp"
+DS_TAG = "deepspeed"
+
+
+# ---------------------------------------------------------------- the process group
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that writes metrics, TensorBoard and the checkpoint's shared files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def launcher_env() -> DistEnv:
+    """RANK / WORLD_SIZE / LOCAL_RANK as torchrun and the deepspeed launcher set them (a world of one without)."""
+    try:
+        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                       int(os.environ.get("LOCAL_RANK", 0)))
+    except ValueError as exc:
+        raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK in the environment are not integers: {exc}") from None
+
+
+def init_distributed(engine: str, device: torch.device) -> tuple[DistEnv, torch.device]:
+    """Join the launcher's process group for a distributed engine; returns the rank and its device.
+
+    ``single`` refuses a launcher world larger than one (it would train the same rows on every rank).
+    On GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL; on CPU the backend is gloo.
+    """
+    env = launcher_env()
+    if engine == "single":
+        if env.world > 1:
+            raise ConfigError(f"engine: single trains in one process, but the launcher started WORLD_SIZE={env.world}; "
+                              f"set engine to ddp, fsdp or deepspeed")
+        return env, device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return env, device
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if env.world > 1:
+            raise ConfigError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with torchrun, "
+                              "the deepspeed launcher or launch/*.sh")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if engine == "deepspeed":
+        deepspeed = _import_deepspeed()
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank), device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("engine: deepspeed needs the deepspeed package: pip install -e '.[deepspeed]'") from None
+    return deepspeed
+
+
+class Collective:
+    """The few collectives the trainer needs, as no-ops in a world of one."""
+
+    def __init__(self, env: DistEnv, device: torch.device) -> None:
+        self.env = env
+        # gloo reduces CPU tensors, NCCL CUDA ones
+        self.device = device if device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def active(self) -> bool:
+        return self.env.world > 1 and self.env.distributed
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over the ranks (float64)."""
+        if not self.active:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def mean_dict(self, values: dict[str, float]) -> dict[str, float]:
+        """Mean of each entry over the ranks (every rank has the same keys)."""
+        keys = sorted(values)
+        sums = self.sum([values[k] for k in keys])
+        return {k: v / self.env.world for k, v in zip(keys, sums)}
+
+    def max(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (plain data)."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_rows(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each tensor's rows of every rank, in rank order (dimension 0 concatenated)."""
+        if not self.active:
+            return tensors
+        out = {}
+        for name in sorted(tensors):
+            t = tensors[name].detach().to(self.device).contiguous()
+            parts = [torch.empty_like(t) for _ in range(self.env.world)]
+            dist.all_gather(parts, t)
+            out[name] = torch.cat(parts).cpu()
+        return out
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (plain data or CPU tensors), in rank order."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.env.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+# ---------------------------------------------------------------- engines
+class Engine:
+    """A model and its optimizer wrapped for training; ``module`` is the bare model."""
+
+    name = "single"
+
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 cfg: Any, env: DistEnv, device: torch.device) -> None:
+        self.module = module
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.grad_accum = cfg.train.grad_accum
+        self.wrapped: nn.Module = self.wrap(module)
+        self.optimizer = make_optimizer(module)
+
+    @property
+    def format(self) -> str:
+        return FORMATS[self.name]
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def forward(self, *args: Any) -> Any:
+        return self.wrapped(*args)
+
+    def train(self, mode: bool = True) -> None:
+        self.wrapped.train(mode)
+
+    @property
+    def training(self) -> bool:
+        return self.module.training
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward of one micro-step's mean loss; ``last``: the micro-step that ends the optimizer step."""
+        (loss / self.grad_accum).backward()
+
+    def grad_norm(self, clip: float) -> float:
+        """The global gradient norm before clipping; gradients clipped to ``clip``."""
+        return float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip))
+
+    def step(self, lr: float, clip: float, loss_finite: bool) -> tuple[float, bool]:
+        """Clip, then update with learning rate ``lr`` when the loss and gradient norm are finite.
+
+        Returns the gradient norm and whether the update was applied (every rank decides alike:
+        the loss is reduced over the ranks and the norm is global).
+        """
+        norm = self.grad_norm(clip)
+        if loss_finite and math.isfinite(norm):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            return norm, True
+        self.zero_grad()
+        return norm, False
+
+    # ---- checkpoint files (collective: every rank calls them)
+    def save(self, directory: Path) -> None:
+        """Model and optimizer into checkpoint ``directory`` (model.safetensors, optimizer.pt)."""
+        if self.env.main:
+            save_model(self.module, str(directory / "model.safetensors"))
+            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+
+    def load(self, directory: Path) -> None:
+        load_weights(self.module, directory, self.device)
+        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state)
+
+    def load_model_only(self, directory: Path) -> None:
+        load_weights(self.module, directory, self.device)
+
+
+class DDPEngine(Engine):
+    """Data parallel with the whole model on every rank; gradients averaged at the last micro-step."""
+
+    name = "ddp"
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        with contextlib.nullcontext() if last else self.wrapped.no_sync():
+            (loss / self.grad_accum).backward()
+
+
+class FSDPEngine(Engine):
+    """FSDP2: ``fully_shard`` on every block, then the root; DCP checkpoints under ``dcp/``."""
+
+    name = "fsdp"
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+        f = self.cfg.fsdp
+        dtype = _autocast_dtype(self.cfg.train.dtype, self.device)
+        # parameters gathered in the compute dtype, gradients reduced in float32; block inputs are not
+        # cast (the carried recurrent state stays float32 across windows)
+        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
+                                  reduce_dtype=torch.float32, cast_forward_inputs=False)
+        offload = CPUOffloadPolicy() if f.cpu_offload else OffloadPolicy()
+        kwargs = dict(mp_policy=mp, offload_policy=offload)
+        # the blocks return their new recurrent state as slices (views) of their activations; the trainer
+        # detaches them and never writes them in place before backward, which is what the warning is about
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        for block in module.blocks:
+            fully_shard(block, reshard_after_forward=f.reshard_after_forward, **kwargs)
+        fully_shard(module, reshard_after_forward=False, **kwargs)
+        return module
+
+    def grad_norm(self, clip: float) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optimizer": optim}
+
+    def save(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
+
+    def load(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def load_model_only(self, directory: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        state = {"model": get_model_state_dict(self.module)}
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        set_model_state_dict(self.module, state["model"])
+
+
+class DeepSpeedEngine(Engine):
+    """``deepspeed.initialize`` with the run's ZeRO stage; DeepSpeed's checkpoint under ``deepspeed/``."""
+
+    name = "deepspeed"
+
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 cfg: Any, env: DistEnv, device: torch.device, load_universal: bool = False) -> None:
+        deepspeed = _import_deepspeed()
+        # DeepSpeed's ZeRO calls torch's old collective names on every step
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+        self.module = module
+        self.cfg = cfg
+        self.env = env
+        self.device = device
+        self.grad_accum = cfg.train.grad_accum
+        self.ds_config = deepspeed_config(cfg, env.world, load_universal)
+        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=make_optimizer(module), config=self.ds_config)
+        self.module = self.wrapped.module
+
+    def zero_grad(self) -> None:
+        pass  # DeepSpeed clears gradients after its step
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps and reduces at the boundary; step() only
+        # advances its micro-step counter until then
+        self.wrapped.backward(loss)
+        if not last:
+            if self.wrapped.is_gradient_accumulation_boundary():
+                raise RuntimeError("DeepSpeed's accumulation boundary is out of step with the trainer's")
+            self.wrapped.step()
+
+    def step(self, lr: float, clip: float, loss_finite: bool) -> tuple[float, bool]:
+        engine = self.wrapped
+        if not engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeed's accumulation boundary is out of step with the trainer's")
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        skipped = engine.skipped_steps
+        if engine.zero_optimization_stage() == 0:  # stage 0 does not report the norm: clip here
+            norm = self.grad_norm(clip)
+        engine.step()
+        if engine.zero_optimization_stage() != 0:
+            norm = engine.get_global_grad_norm()
+            norm = float(norm) if norm is not None else math.nan
+        # DeepSpeed skips a step itself when its optimizer sees an overflow (fp16, ZeRO-1/2 norm check)
+        applied = engine.skipped_steps == skipped
+        return norm, applied and loss_finite and math.isfinite(norm)
+
+    def save(self, directory: Path) -> None:
+        self.wrapped.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+
+    def load(self, directory: Path, tag: str = DS_TAG) -> None:
+        path, _ = self.wrapped.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory / tag}")
+
+    def load_model_only(self, directory: Path) -> None:
+        path, _ = self.wrapped.load_checkpoint(str(directory), tag=DS_TAG, load_module_only=True)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory / DS_TAG}")
+
+
+ENGINE_CLASSES: dict[str, type[Engine]] = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine,
+                                           "deepspeed": DeepSpeedEngine}
+
+
+def build_engine(module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], cfg: Any,
+                 env: DistEnv, device: torch.device, load_universal: bool = False) -> Engine:
+    """Wrap ``module`` (activation checkpointing and compilation already applied) for ``cfg.engine``."""
+    if cfg.engine == "deepspeed":
+        return DeepSpeedEngine(module, make_optimizer, cfg, env, device, load_universal)
+    return ENGINE_CLASSES[cfg.engine](module, make_optimizer, cfg, env, device)
+
+
+def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def deepspeed_config(cfg: Any, world: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ``deepspeed.config`` (a JSON/YAML file) if given, then the run's keys.
+
+    Batch sizes, accumulation and clipping always come from the run config (a file that says
+    otherwise is corrected, with a note). Compute precision is the trainer's autocast
+    (``train.dtype``) over float32 master weights, as for the other engines, so DeepSpeed's own
+    fp16/bf16 modes stay off.
+    """
+    d = cfg.deepspeed
+    base: dict[str, Any] = {}
+    if d.config:
+        path = Path(d.config)
+        try:
+            base = json.loads(path.read_text()) if path.suffix == ".json" else load_yaml(path)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"deepspeed.config: cannot read {path}: {exc}") from None
+        if not isinstance(base, dict):
+            raise ConfigError(f"deepspeed.config: {path} does not hold a mapping")
+    zero = dict(base.get("zero_optimization") or {})
+    zero.setdefault("stage", d.zero_stage)
+    if d.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if d.offload_params:
+        if zero["stage"] != 3:
+            raise ConfigError(f"deepspeed.offload_params: parameter offload needs ZeRO stage 3, not {zero['stage']}")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    rows = cfg.data.rows // world
+    ours = {
+        "train_micro_batch_size_per_gpu": rows,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": rows * world * cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key, value in ours.items():
+        if key in base and base[key] != value:
+            print(f"note: deepspeed.config {d.config}: {key}={base[key]} replaced by {value} from the run config",
+                  file=sys.stderr)
+    for key in ("fp16", "bf16"):
+        if (base.get(key) or {}).get("enabled"):
+            raise ConfigError(f"deepspeed.config: {key}.enabled: compute precision is train.dtype "
+                              f"(autocast over float32 weights); remove {key} from {d.config}")
+    config = {**base, **ours, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+              "steps_per_print": base.get("steps_per_print", 1 << 30)}
+    if load_universal:
+        config["checkpoint"] = {**(base.get("checkpoint") or {}), "load_universal": True}
+    return config
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's ``ds_to_universal`` of checkpoint ``source``'s ``deepspeed/`` into ``target/deepspeed``."""
+    target.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source / DS_TAG),
+           "--output_folder", str(target / DS_TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise CheckpointError(f"converting {source / DS_TAG} to a universal checkpoint failed "
+                              f"({' '.join(cmd)}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
