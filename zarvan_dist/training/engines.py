@@ -395,7 +395,15 @@ class DeepSpeedEngine(Engine):
         return norm, applied and loss_finite and math.isfinite(norm)
 
     def save(self, directory: Path) -> None:
-        self.wrapped.save_checkpoint(str(directory), tag=DS_TAG, save_latest=False)
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        # the marker ds_to_universal requires of ZeRO-1/2 checkpoints (a world-size change converts them)
+        info = {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+        self.wrapped.save_checkpoint(str(directory), tag=DS_TAG, client_state=info, save_latest=False)
 
     def load(self, directory: Path, tag: str = DS_TAG) -> None:
         path, _ = self.wrapped.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True,
@@ -480,7 +488,8 @@ def convert_to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's ``ds_to_universal`` of checkpoint ``source``'s ``deepspeed/`` into ``target/deepspeed``."""
     target.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source / DS_TAG),
-           "--output_folder", str(target / DS_TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+           "--output_folder", str(target / DS_TAG), "--num_extract_workers", "1", "--num_merge_workers", "1",
+           "--inject_missing_state"]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise CheckpointError(f"converting {source / DS_TAG} to a universal checkpoint failed "

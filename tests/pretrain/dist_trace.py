@@ -1,0 +1,47 @@
+"""``python -m pretrain`` with every batch a rank reads recorded (an entry for the distributed tests, not a test).
+
+Run as ``torchrun ... tests/pretrain/dist_trace.py --config RUN.yaml ...``: each rank appends one
+JSON line per micro-step batch to ``RUN/trace-rank{RANK}.jsonl``: split, micro-step, global rows,
+window indices and resets. Everything else is the real trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pretrain.train as train
+from zarvan_dist.data.loader import LaneLoader
+
+
+class TracedLaneLoader(LaneLoader):
+    def __init__(self, url, split, layout, rows=None, start=0, workers=0, prefetch=2):
+        super().__init__(url, split, layout, rows=rows, start=start, workers=workers, prefetch=prefetch)
+        self.split = split
+
+    def __iter__(self):
+        path = os.path.join(_RUN_DIR, f"trace-rank{os.environ.get('RANK', '0')}.jsonl")
+        inner = super().__iter__()
+        try:
+            for batch in inner:
+                with open(path, "a") as f:
+                    f.write(json.dumps({"split": self.split, "step": int(batch.step), "rows": [int(r) for r in batch.rows],
+                                        "windows": [int(w) for w in batch.windows],
+                                        "reset": [bool(r) for r in batch.reset]}) + "\n")
+                yield batch
+        finally:
+            inner.close()
+
+
+_RUN_DIR = "."
+
+if __name__ == "__main__":
+    from zarvan_dist.training.config import load_run_config
+
+    argv = sys.argv[1:]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    _RUN_DIR = load_run_config(argv[argv.index("--config") + 1], overrides).run_dir
+    os.makedirs(_RUN_DIR, exist_ok=True)
+    train.LaneLoader = TracedLaneLoader
+    sys.exit(train.main(argv))
