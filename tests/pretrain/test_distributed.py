@@ -207,6 +207,16 @@ def test_two_processes_give_the_single_process_loss_curve(runs, engine):
     assert not any("rank1" in p.name for p in job.iterdir() if not p.name.startswith("trace"))
 
 
+@pytest.mark.parametrize("engine, extra, tol", [
+    ("fsdp", ["train.activation_checkpointing=true", "train.compile=true"], 1e-4),  # compiled: eager within 1e-4
+    ("zero3", ["train.activation_checkpointing=true"], LOSS_TOL),
+])
+def test_activation_checkpointing_and_compile_work_under_the_engines(runs, token_dataset, tmp_path, engine, extra, tol):
+    config = _new_config(tmp_path / engine, token_dataset)
+    _run(2, config, ENGINES[engine] + extra, tmp_path)
+    _assert_close_curves(_losses(_run_dir(config)), _losses(runs.get("single", 1)), tol)
+
+
 # ---------------------------------------------------------------- 2. each rank its own rows
 @pytest.mark.parametrize("engine", ["ddp", "zero2"])
 def test_each_rank_reads_only_its_rows_and_together_every_row_once_per_step(runs, token_dataset, engine):
@@ -332,7 +342,7 @@ def test_two_torchrun_nodes_on_loopback_give_the_losses_of_one_node_with_two_pro
     port = _free_port()
     procs = []
     for node in range(2):
-        env = {**_env(tmp_path), "NNODES": "2", "NODE_RANK": str(node), "NPROC_PER_NODE": "1",
+        env = {**_env(tmp_path), "NNODES": "2", "NPROC_PER_NODE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": f"test-{port}",
                "PYTHON": sys.executable, "ENTRY": "tests.pretrain.dist_trace"}
         cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(config), "--set", "engine=ddp"]
