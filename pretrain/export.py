@@ -29,7 +29,7 @@ from zarvan_dist.training.checkpoint import CheckpointError, load_weights, resol
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write ``out_dir/{model.safetensors, config.yaml, export.json}``; returns ``out_dir``."""
+    """Write ``out_dir/{model.safetensors, config.yaml, export.json}``; returns the checkpoint exported."""
     path = resolve_checkpoint(checkpoint)
     config = yaml.safe_load((path / "config.yaml").read_text())
     trainer = json.loads((path / "trainer.json").read_text())
@@ -45,7 +45,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         "engine": trainer.get("engine", "single"), "world_size": trainer.get("world_size", 1),
         "parameters": model.num_params(),
     })
-    return out
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="directory to write model.safetensors, config.yaml and export.json into")
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir)
+        source = export(args.checkpoint, args.out_dir)
     except (ConfigError, CheckpointError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}/model.safetensors", flush=True)
+    print(f"exported {source} -> {Path(args.out_dir) / 'model.safetensors'}", flush=True)
     return 0
 
 

@@ -175,7 +175,9 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.manifest = Manifest.load(cfg.data.dir)
-        self.env, self.device = init_distributed(cfg.engine, resolve_device(cfg.train.device))
+        self.env, self.device = init_distributed(cfg.engine, resolve_device(cfg.train.device),
+                                                 cfg.train.collective_timeout_min,
+                                                 cpu_collectives=cfg.engine == "fsdp" and cfg.fsdp.cpu_offload)
         self.comm = Collective(self.env, self.device)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.model_cfg = resolve_model_config(cfg, self.manifest)
@@ -192,6 +194,8 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(self.model_cfg).to(self.device)
+        if cfg.checkpoint.init_from:
+            load_weights(model, _weights_source(cfg.checkpoint.init_from), self.device)  # before any wrapping
         self.flops_per_token = model.flops_per_token(self.seq_len)  # before ZeRO-3 partitions the parameters
         self.probe = ExpertProbe(model)
         if cfg.train.activation_checkpointing:
@@ -225,7 +229,10 @@ class Trainer:
     def autocast(self):
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+        # sharded engines gather and free weights per block: autocast's cache would keep a low-precision
+        # copy of every gathered weight for the whole forward
+        cache = self.cfg.engine not in ("fsdp", "deepspeed")
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=cache)
 
     def train_batches(self) -> Iterator[LaneBatch]:
         """The train lanes from the current micro-step on."""
@@ -349,8 +356,8 @@ class Trainer:
         engine = counters.get("engine", "single")
         if FORMATS[engine] != self.engine.format:
             raise ConfigError(f"engine: the checkpoint {path} was written by engine {engine}, whose files "
-                              f"engine {self.cfg.engine} cannot resume; resume with engine: {engine}, or start "
-                              f"from its weights: python -m pretrain.export {path} OUT")
+                              f"engine {self.cfg.engine} cannot resume; resume with engine: {engine}, or start a "
+                              f"new run from its weights: --set checkpoint.init_from={path} --resume none")
         if self.universal is not None:
             self.engine.load(self.universal)
             self.comm.barrier()
@@ -359,8 +366,9 @@ class Trainer:
             self.universal = None
         else:
             self.engine.load(path)
-        state = load_tensors(path / "lanes.safetensors", self.device)
-        self.lane_state = RecurrentState({k: v[self.rows.start:self.rows.stop].contiguous() for k, v in state.items()})
+        state = load_tensors(path / "lanes.safetensors")  # every row, on the CPU: this rank takes its own
+        self.lane_state = RecurrentState({k: v[self.rows.start:self.rows.stop].contiguous().to(self.device)
+                                          for k, v in state.items()})
         self._load_rng(load_tensors(path / "rng.safetensors"), counters.get("world_size", 1), int(counters["step"]))
         self.counters.load_state_dict({k: v for k, v in counters.items() if k in self.counters.state_dict()})
 
@@ -415,7 +423,8 @@ class Trainer:
                 self.metrics.log(step, self.meter.extend(record) if log_now else record)
                 self.check_bad_steps(record)
                 started = time.perf_counter()
-                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
+                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps) \
+                        and not self.stopping():  # a stop asked: checkpoint within the launcher's grace period
                     result = self.evaluate()
                     self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
                     if self.env.main:
@@ -451,15 +460,21 @@ class Trainer:
     def resume_path(self) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names (rank 0 looks, every rank gets its answer); None: afresh."""
         if self._resume_path is False:
-            found = None
+            found, error = None, None
             if self.env.main:
                 mode = self.cfg.checkpoint.resume
-                self.checkpointer.remove_partial()
-                if mode == "auto":
-                    found = self.checkpointer.find_resume()
-                elif mode != "none":
-                    found = resolve_checkpoint(mode)
-            found = self.comm.broadcast(str(found) if found else None)
+                try:
+                    self.checkpointer.remove_partial()
+                    if mode == "auto":
+                        found = self.checkpointer.find_resume()
+                    elif mode != "none":
+                        found = resolve_checkpoint(mode)
+                except (CheckpointError, OSError) as exc:
+                    error = str(exc)
+            # every rank learns rank 0's answer, or its error: none is left waiting in a collective
+            found, error = self.comm.broadcast((str(found) if found else None, error))
+            if error is not None:
+                raise CheckpointError(error)
             self._resume_path = Path(found) if found else None
         return self._resume_path
 
@@ -471,7 +486,14 @@ class Trainer:
         if path is None:
             return None
         saved = json.loads((path / "trainer.json").read_text())
-        if saved.get("world_size", 1) == self.env.world or saved.get("zero_stage", 0) == 0:
+        if saved.get("engine") != "deepspeed":
+            return None  # load() refuses another engine's checkpoint with a clear message
+        was, now = saved.get("zero_stage", 0), self.cfg.deepspeed.zero_stage
+        if was != now:  # DeepSpeed's loaders expect the stage's own file layout
+            raise ConfigError(f"deepspeed.zero_stage: the checkpoint {path} was written with ZeRO stage {was}, this "
+                              f"run has {now}; resume with zero_stage {was}, or start a new run from its weights: "
+                              f"--set checkpoint.init_from={path} --resume none")
+        if saved.get("world_size", 1) == self.env.world or was == 0:
             return None  # same partitioning, or ZeRO-0 (nothing partitioned)
         target = self.checkpointer.root / f".tmp-universal-{path.name}"
         if self.env.main:
@@ -541,6 +563,11 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
+
+
+def _weights_source(path: str) -> Path:
+    """A ``pretrain.export`` directory as it is; a checkpoint, checkpoints root or run directory verified."""
+    return Path(path) if (Path(path) / "export.json").is_file() else resolve_checkpoint(path)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

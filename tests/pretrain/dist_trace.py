@@ -2,7 +2,8 @@
 
 Run as ``torchrun ... tests/pretrain/dist_trace.py --config RUN.yaml ...``: each rank appends one
 JSON line per micro-step batch to ``RUN/trace-rank{RANK}.jsonl``: split, micro-step, global rows,
-window indices and resets. Everything else is the real trainer.
+window indices and resets. With ``TRACE_NAN_RANK=r`` and ``TRACE_NAN_CALLS=4,5`` the training loss of
+those micro-steps (0-based) is NaN on rank r only. Everything else is the real trainer.
 """
 
 from __future__ import annotations
@@ -36,6 +37,25 @@ class TracedLaneLoader(LaneLoader):
 
 _RUN_DIR = "."
 
+
+def _inject_nans() -> None:
+    rank, calls = os.environ.get("TRACE_NAN_RANK"), os.environ.get("TRACE_NAN_CALLS")
+    if rank is None or calls is None or rank != os.environ.get("RANK", "0"):
+        return
+    import torch
+
+    bad = {int(c) for c in calls.split(",")}
+    original, count = train.next_token_loss, [0]
+
+    def next_token_loss(logits, targets):
+        loss = original(logits, targets)
+        if not torch.is_grad_enabled():  # evaluation
+            return loss
+        count[0] += 1
+        return loss * float("nan") if count[0] - 1 in bad else loss
+
+    train.next_token_loss = next_token_loss
+
 if __name__ == "__main__":
     from zarvan_dist.training.config import load_run_config
 
@@ -44,4 +64,5 @@ if __name__ == "__main__":
     _RUN_DIR = load_run_config(argv[argv.index("--config") + 1], overrides).run_dir
     os.makedirs(_RUN_DIR, exist_ok=True)
     train.LaneLoader = TracedLaneLoader
+    _inject_nans()
     sys.exit(train.main(argv))

@@ -27,6 +27,7 @@ def test_the_deepspeed_config_takes_batch_accumulation_and_clipping_from_the_run
     assert ds["train_batch_size"] == 32 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # the run's torch AdamW steps the offloaded state
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert "checkpoint" not in ds and deepspeed_config(cfg, 2, load_universal=True)["checkpoint"]["load_universal"]
 
@@ -37,9 +38,11 @@ def test_a_deepspeed_config_file_is_the_base_and_the_run_corrects_its_batch_size
         "wall_clock_breakdown": True}))
     cfg = _cfg(tmp_path, token_dataset, "engine=deepspeed", "deepspeed.config=ds.json")  # relative to the config
     ds = deepspeed_config(cfg, world=1)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}  # the file's stage wins over the default
+    assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the run's stage (default 1) wins
     assert ds["wall_clock_breakdown"] is True and ds["train_micro_batch_size_per_gpu"] == 4
-    assert "train_micro_batch_size_per_gpu=99 replaced by 4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train_micro_batch_size_per_gpu=99 replaced by 4" in err
+    assert "zero_optimization.stage=2 replaced by deepspeed.zero_stage=1" in err
 
 
 @pytest.mark.parametrize("content, message", [

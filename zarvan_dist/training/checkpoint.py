@@ -251,7 +251,9 @@ def _load_dcp_weights(model: torch.nn.Module, directory: Path) -> tuple[list[str
     if missing or unexpected:
         return missing, unexpected
     state = {"model": wanted}
-    dcp.load(state, checkpoint_id=str(directory), no_dist=True)
+    with warnings.catch_warnings():  # "... assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory), no_dist=True)
     return [], []
 
 

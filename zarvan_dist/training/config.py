@@ -55,10 +55,15 @@ class TrainConfig:
     max_bad_steps: int = 5
     """Consecutive non-finite steps (loss or gradient norm) that stop the run."""
     device: str = "auto"
-    """Device to train on: auto (cuda when available, else cpu), cpu, cuda, cuda:N."""
+    """Device to train on: auto (cuda when available, else cpu), cpu, cuda, cuda:N (one process only)."""
+    collective_timeout_min: float = 60.0
+    """Minutes a rank waits in a collective before the job fails (rank 0 alone hashes and seals each
+    checkpoint and converts DeepSpeed checkpoints on a world-size change: raise it for very large models)."""
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "grad_accum", "max_bad_steps")
+        if self.collective_timeout_min <= 0:
+            raise ConfigError(f"collective_timeout_min: expected a positive number, got {self.collective_timeout_min}")
 
 
 @dataclass
@@ -110,6 +115,9 @@ class CheckpointConfig:
     """Checkpoints kept on disk (the newest); older ones are deleted."""
     resume: str = "auto"
     """auto: continue from RUN/checkpoints/latest when there is one; none: start afresh; or a checkpoint path."""
+    init_from: str | None = None
+    """Weights to start a new run from: any engine's checkpoint (or run directory) or a ``pretrain.export``
+    directory; optimizer, lanes and counters start afresh. A resumed run takes its checkpoint's weights instead."""
 
     def __post_init__(self) -> None:
         if self.every < 0:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,11 +74,14 @@ def launcher_env() -> DistEnv:
         raise ConfigError(f"RANK / WORLD_SIZE / LOCAL_RANK in the environment are not integers: {exc}") from None
 
 
-def init_distributed(engine: str, device: torch.device) -> tuple[DistEnv, torch.device]:
+def init_distributed(engine: str, device: torch.device, timeout_minutes: float = 60.0,
+                     cpu_collectives: bool = False) -> tuple[DistEnv, torch.device]:
     """Join the launcher's process group for a distributed engine; returns the rank and its device.
 
     ``single`` refuses a launcher world larger than one (it would train the same rows on every rank).
-    On GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL; on CPU the backend is gloo.
+    On GPUs each rank takes ``cuda:LOCAL_RANK`` and NCCL (plus gloo for CPU tensors when
+    ``cpu_collectives``: FSDP2's CPU offload reduces CPU gradients); on CPU the backend is gloo.
+    ``timeout_minutes`` bounds a collective wait (rank 0 alone hashes and seals each checkpoint).
     """
     env = launcher_env()
     if engine == "single":
@@ -86,26 +90,30 @@ def init_distributed(engine: str, device: torch.device) -> tuple[DistEnv, torch.
                               f"set engine to ddp, fsdp or deepspeed")
         return env, device
     if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank)
+        if device.index is not None and env.world > 1:
+            raise ConfigError(f"train.device: {device} would put every rank on one GPU; use cuda or auto "
+                              f"(each rank takes cuda:LOCAL_RANK)")
+        device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return env, device
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if env.world > 1 and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise ConfigError(f"WORLD_SIZE={env.world} but MASTER_ADDR / MASTER_PORT are not set: start the job with "
+                          f"torchrun, the deepspeed launcher or launch/*.sh")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if env.world > 1:
-            raise ConfigError("WORLD_SIZE > 1 but MASTER_PORT is not set: start the job with torchrun, "
-                              "the deepspeed launcher or launch/*.sh")
-        os.environ["MASTER_PORT"] = str(_free_port())
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "gloo"
+    if device.type == "cuda":
+        backend = "cuda:nccl,cpu:gloo" if cpu_collectives else "nccl"
+    timeout = timedelta(minutes=timeout_minutes)
     if engine == "deepspeed":
         deepspeed = _import_deepspeed()
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend, timeout=timeout, device_id=device if device.type == "cuda" else None)
     return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank), device
 
 
@@ -384,13 +392,21 @@ class DeepSpeedEngine(Engine):
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
         skipped = engine.skipped_steps
-        if engine.zero_optimization_stage() == 0:  # stage 0 does not report the norm: clip here
+        if engine.zero_optimization_stage() == 0:
+            # stage 0 steps the torch optimizer without an overflow check: clip here, and where the step
+            # is not finite drop every gradient (AdamW leaves a parameter without one untouched); the
+            # engine still steps so that its counters stay in line with the trainer's
             norm = self.grad_norm(clip)
+            if not (loss_finite and math.isfinite(norm)):
+                for p in self.module.parameters():
+                    p.grad = None
+                engine.step()
+                return norm, False
         engine.step()
         if engine.zero_optimization_stage() != 0:
             norm = engine.get_global_grad_norm()
             norm = float(norm) if norm is not None else math.nan
-        # DeepSpeed skips a step itself when its optimizer sees an overflow (fp16, ZeRO-1/2 norm check)
+        # ZeRO 1-3 skip a step themselves when their optimizer sees a non-finite gradient norm
         applied = engine.skipped_steps == skipped
         return norm, applied and loss_finite and math.isfinite(norm)
 
@@ -455,9 +471,13 @@ def deepspeed_config(cfg: Any, world: int, load_universal: bool = False) -> dict
         if not isinstance(base, dict):
             raise ConfigError(f"deepspeed.config: {path} does not hold a mapping")
     zero = dict(base.get("zero_optimization") or {})
-    zero.setdefault("stage", d.zero_stage)
+    if zero.get("stage", d.zero_stage) != d.zero_stage:
+        print(f"note: deepspeed.config {d.config}: zero_optimization.stage={zero['stage']} replaced by "
+              f"deepspeed.zero_stage={d.zero_stage} from the run config", file=sys.stderr)
+    zero["stage"] = d.zero_stage
     if d.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        base.setdefault("zero_force_ds_cpu_optimizer", False)  # the run's torch AdamW steps the offloaded state
     if d.offload_params:
         if zero["stage"] != 3:
             raise ConfigError(f"deepspeed.offload_params: parameter offload needs ZeRO stage 3, not {zero['stage']}")
@@ -467,7 +487,7 @@ def deepspeed_config(cfg: Any, world: int, load_universal: bool = False) -> dict
         "train_micro_batch_size_per_gpu": rows,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": rows * world * cfg.train.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if zero["stage"] > 0 else 0.0,  # stage 0: the trainer clips
     }
     for key, value in ours.items():
         if key in base and base[key] != value:
