@@ -3,6 +3,8 @@ each row are exactly its lane's contiguous stream, each window once."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from pretrain.train import Trainer
-from run_helpers import run_config
+from run_helpers import ROOT, run_config, trainer_env
 from zarvan_dist.data import Manifest
 from zarvan_dist.data.lanes import LaneLayout
 from zarvan_dist.data.loader import LaneBatch, LaneLoader
@@ -177,3 +179,19 @@ def test_the_trainer_feeds_each_row_its_lane_once_across_a_resume(token_dataset,
             np.testing.assert_array_equal(t[j], all_windows[int(w[j])])
             if s and not expected_window(layout, s, j)[1]:
                 assert t[j][0] == resumed[s - 1][2][j][-1]  # chained through the checkpoint at micro-step 14
+
+
+def test_workers_deliver_under_a_tmpdir_too_long_for_a_unix_socket(token_dataset, tmp_path):
+    # Tensors sent from a DataLoader worker go through a Unix socket under TMPDIR, whose path is limited
+    # to 107 bytes; the loader sends numpy arrays by value, so a long TMPDIR cannot stall the workers.
+    tmp = tmp_path / ("t" * 60) / ("m" * 60)
+    tmp.mkdir(parents=True)
+    code = ("import sys; from zarvan_dist.data import LaneLayout, Manifest; "
+            "from zarvan_dist.data.loader import LaneLoader; "
+            "m = Manifest.load(sys.argv[1]); layout = LaneLayout(m.split('train').windows, 4); "
+            "it = iter(LaneLoader(sys.argv[1], 'train', layout, workers=2)); "
+            "print([int(next(it).step) for _ in range(3)]); it.close()")
+    done = subprocess.run([sys.executable, "-c", code, str(token_dataset)], cwd=ROOT, capture_output=True, text=True,
+                          env={**trainer_env(tmp_path), "TMPDIR": str(tmp)}, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[0, 1, 2]"

@@ -56,7 +56,7 @@ class _LaneStreams(IterableDataset):
         super().__init__()
         self.url, self.split, self.layout, self.rows, self.start = url, split, layout, rows, start
 
-    def __iter__(self) -> Iterator[LaneBatch]:
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = np.arange(self.rows.start, self.rows.stop)[worker::workers]
@@ -74,9 +74,16 @@ class _LaneStreams(IterableDataset):
                     streams[i] = reader.iter_windows(self.split, int(window))
                 tokens[i] = next(streams[i])
                 expected[i] = window + 1
-            yield LaneBatch(step, torch.from_numpy(mine.astype(np.int64)), torch.from_numpy(windows),
-                            torch.from_numpy(tokens), torch.from_numpy(reset))
+            # numpy, not tensors: pickled by value through the worker's pipe, where a tensor would go through
+            # shared memory and a file descriptor passed over a Unix socket in TMPDIR (whose path length
+            # is limited: a long TMPDIR made a worker fail to send and the trainer wait for ever)
+            yield step, mine.astype(np.int64), windows, tokens, reset
             step += 1
+
+
+def _as_is(part):
+    """The DataLoader's collate function: a worker's part goes to the main process untouched."""
+    return part
 
 
 def _quiet_worker(worker_id: int) -> None:
@@ -108,7 +115,7 @@ class LaneLoader:
         self.loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.workers,
             prefetch_factor=prefetch if self.workers else None,
-            worker_init_fn=_quiet_worker if self.workers else None,
+            worker_init_fn=_quiet_worker if self.workers else None, collate_fn=_as_is,
             # the DataLoader draws its workers' base seed from this generator, not from the global
             # RNG that a checkpoint restores (dropout after a resume must match the uninterrupted run)
             generator=torch.Generator(),
@@ -121,13 +128,11 @@ class LaneLoader:
             while True:
                 # one part per worker, in worker order: workers hold rows w, w + W, ... of this step
                 got = [next(parts) for _ in range(max(self.workers, 1))]
-                if len(got) == 1:
-                    yield got[0]
-                    continue
-                rows = torch.cat([p.rows for p in got])
-                order = torch.argsort(rows)
-                yield LaneBatch(got[0].step, rows[order], torch.cat([p.windows for p in got])[order],
-                                torch.cat([p.tokens for p in got])[order], torch.cat([p.reset for p in got])[order])
+                step = got[0][0]
+                rows, windows, tokens, reset = (np.concatenate([p[i] for p in got]) for i in range(1, 5))
+                order = np.argsort(rows, kind="stable")
+                yield LaneBatch(step, *(torch.from_numpy(np.ascontiguousarray(a[order]))
+                                        for a in (rows, windows, tokens, reset)))
         finally:
             # dropping the DataLoader iterator shuts its workers down (None on their queues, then join)
             del parts
