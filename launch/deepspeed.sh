@@ -32,10 +32,9 @@ checkpointed: requeue the job and it resumes).
 EOF
 }
 
-die() {
-    echo "launch/deepspeed.sh: $*" >&2
-    exit 2
-}
+SCRIPT=launch/deepspeed.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ $# -eq 0 ]]; then
     usage >&2
@@ -45,19 +44,6 @@ if [[ $1 == -h || $1 == --help ]]; then
     usage
     exit 0
 fi
-
-# GPUs this node may use: the ones CUDA_VISIBLE_DEVICES names, else all that nvidia-smi lists, else 1.
-gpu_count() {
-    local n=0
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        local -a ids
-        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-        n=${#ids[@]}
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-    fi
-    echo $((n > 0 ? n : 1))
-}
 
 config=$1
 shift
@@ -86,18 +72,7 @@ if [[ -n ${MASTER_ADDR:-} ]]; then
     resources+=(--master_addr "$MASTER_ADDR")
 fi
 
-if [[ -z ${OMP_NUM_THREADS:-} ]]; then
-    cores=$(nproc)
-    ranks=${NUM_GPUS:-$(gpu_count)}
-    OMP_NUM_THREADS=$((cores / ranks > 0 ? cores / ranks : 1))
-fi
-export OMP_NUM_THREADS
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
-
-cmd=("$PYTHON" -m deepspeed.launcher.runner --no_local_rank "${resources[@]}" --master_port "$MASTER_PORT"
-    --module "$ENTRY" --config "$config" --set engine=deepspeed "$@")
-printf -v shown ' %q' "${cmd[@]}"
-echo "+${shown}" >&2
+export_rank_env "${NUM_GPUS:-$(gpu_count)}"
 
 # Which process takes the stop: on one node (and with NODE_RANK) runner.py has no signal handler,
 # so a SIGTERM would kill it and orphan its child `python -u -m deepspeed.launcher.launch` and the
@@ -109,37 +84,5 @@ stop_target() {
     pgrep -P "$child" -f '^[^ ]+ -u -m deepspeed\.launcher\.launch ' 2>/dev/null || echo "$child"
 }
 
-# The stop is passed on once: a second SIGTERM would restart the launcher's wait for its ranks.
-stop_asked=0
-stop_sent=0
-child=
-send_stop() {
-    if ((stop_asked && !stop_sent)) && [[ -n $child ]]; then
-        stop_sent=1
-        local target
-        target=$(stop_target)
-        echo "launch/deepspeed.sh: stop asked: SIGTERM to pid $target" >&2
-        kill -TERM "$target" 2>/dev/null || true
-    fi
-}
-trap 'stop_asked=1; send_stop' TERM USR1 INT
-# The launcher does not handle SIGUSR1 and would die of it where a scheduler signals every process
-# of the job: it starts with USR1 ignored, which the ranks' own handler overrides.
-(
-    trap '' USR1
-    exec "${cmd[@]}"
-) &
-child=$!
-send_stop # a signal that came while the launcher was being started
-
-status=0
-wait "$child" || status=$?
-while kill -0 "$child" 2>/dev/null; do # wait returns early when a trapped signal arrives
-    status=0
-    wait "$child" || status=$?
-done
-# The launcher exits 1 after a signal even when every rank checkpointed and exited 75.
-if ((stop_asked && status != 0)); then
-    exit 75
-fi
-exit "$status"
+run_forwarding_stops "$PYTHON" -m deepspeed.launcher.runner --no_local_rank "${resources[@]}" \
+    --master_port "$MASTER_PORT" --module "$ENTRY" --config "$config" --set engine=deepspeed "$@"

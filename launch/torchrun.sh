@@ -28,10 +28,9 @@ checkpointed: requeue the job and it resumes).
 EOF
 }
 
-die() {
-    echo "launch/torchrun.sh: $*" >&2
-    exit 2
-}
+SCRIPT=launch/torchrun.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 if [[ $# -eq 0 ]]; then
     usage >&2
@@ -41,19 +40,6 @@ if [[ $1 == -h || $1 == --help ]]; then
     usage
     exit 0
 fi
-
-# GPUs this node may use: the ones CUDA_VISIBLE_DEVICES names, else all that nvidia-smi lists, else 1.
-gpu_count() {
-    local n=0
-    if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
-        local -a ids
-        IFS=, read -ra ids <<<"$CUDA_VISIBLE_DEVICES"
-        n=${#ids[@]}
-    elif command -v nvidia-smi >/dev/null 2>&1; then
-        n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-    fi
-    echo $((n > 0 ? n : 1))
-}
 
 config=$1
 shift
@@ -68,12 +54,7 @@ for knob in NNODES NPROC_PER_NODE MASTER_PORT; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive integer, not '${!knob}'"
 done
 
-if [[ -z ${OMP_NUM_THREADS:-} ]]; then
-    cores=$(nproc)
-    OMP_NUM_THREADS=$((cores / NPROC_PER_NODE > 0 ? cores / NPROC_PER_NODE : 1))
-fi
-export OMP_NUM_THREADS
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+export_rank_env "$NPROC_PER_NODE"
 
 # No --node_rank: the c10d rendezvous ignores it and numbers the nodes in their order of arrival.
 if ((NNODES == 1)); then
@@ -82,39 +63,4 @@ else
     dist=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID")
 fi
-cmd=("$PYTHON" -m torch.distributed.run "${dist[@]}" -m "$ENTRY" --config "$config" "$@")
-printf -v shown ' %q' "${cmd[@]}"
-echo "+${shown}" >&2
-
-# The stop is passed on once: a second SIGTERM would cut short torchrun's 30 s wait for its ranks.
-stop_asked=0
-stop_sent=0
-child=
-send_stop() {
-    if ((stop_asked && !stop_sent)) && [[ -n $child ]]; then
-        stop_sent=1
-        echo "launch/torchrun.sh: stop asked: SIGTERM to torchrun (pid $child)" >&2
-        kill -TERM "$child" 2>/dev/null || true
-    fi
-}
-trap 'stop_asked=1; send_stop' TERM USR1 INT
-# torchrun does not handle SIGUSR1 and would die of it where a scheduler signals every process of
-# the job (srun passes USR1 on so): it starts with USR1 ignored, which the ranks' own handler overrides.
-(
-    trap '' USR1
-    exec "${cmd[@]}"
-) &
-child=$!
-send_stop # a signal that came while torchrun was being started
-
-status=0
-wait "$child" || status=$?
-while kill -0 "$child" 2>/dev/null; do # wait returns early when a trapped signal arrives
-    status=0
-    wait "$child" || status=$?
-done
-# torchrun exits 1 after a signal even when every rank checkpointed and exited 75.
-if ((stop_asked && status != 0)); then
-    exit 75
-fi
-exit "$status"
+run_forwarding_stops "$PYTHON" -m torch.distributed.run "${dist[@]}" -m "$ENTRY" --config "$config" "$@"
