@@ -215,8 +215,13 @@ class Engine:
         self.env = env
         self.device = device
         self.grad_accum = cfg.train.grad_accum
-        self.wrapped: nn.Module = self.wrap(module)
-        self.optimizer = make_optimizer(module)
+        self.wrapped, self.optimizer = self.build(module, make_optimizer)
+
+    def build(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+              ) -> tuple[nn.Module, Any]:
+        """The wrapped model and its optimizer (built over the wrapped parameters)."""
+        wrapped = self.wrap(module)
+        return wrapped, make_optimizer(module)
 
     @property
     def format(self) -> str:
@@ -359,19 +364,19 @@ class DeepSpeedEngine(Engine):
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  cfg: Any, env: DistEnv, device: torch.device, load_universal: bool = False) -> None:
+        self.ds_config = deepspeed_config(cfg, env.world, load_universal)
+        super().__init__(module, make_optimizer, cfg, env, device)
+        self.module = self.wrapped.module
+
+    def build(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
+              ) -> tuple[nn.Module, Any]:
         deepspeed = _import_deepspeed()
         # DeepSpeed's ZeRO calls torch's old collective names on every step
         warnings.filterwarnings("ignore", category=FutureWarning,
                                 message=r"`torch.distributed.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-        self.module = module
-        self.cfg = cfg
-        self.env = env
-        self.device = device
-        self.grad_accum = cfg.train.grad_accum
-        self.ds_config = deepspeed_config(cfg, env.world, load_universal)
-        self.wrapped, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=make_optimizer(module), config=self.ds_config)
-        self.module = self.wrapped.module
+        engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=make_optimizer(module),
+                                                       config=self.ds_config)
+        return engine, optimizer
 
     def zero_grad(self) -> None:
         pass  # DeepSpeed clears gradients after its step
