@@ -1,0 +1,64 @@
+"""Frozen, model-free chunk embeddings for retrieval: hashed unigram and bigram counts.
+
+A chunk of token ids is described by the counts of its tokens and of its adjacent token pairs.
+Each such feature is sent by ``hashes`` independent splitmix64 hashes to a coordinate of a
+``dim``-dimensional vector with a random sign (a sparse random projection of the count vector,
+Achlioptas 2003 / the hashing trick), and the sum is L2-normalised, so the inner product of two
+embeddings approximates the cosine similarity of the two chunks' n-gram count vectors. Plain
+integer arithmetic on fixed seeds: the same ids give the same float32 vector on every machine
+and library version.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from zarvan_dist.data.lanes import GOLDEN_GAMMA, splitmix64_mix
+
+_BIGRAM_SALT = np.uint64(0xD1B54A32D192ED03)
+
+
+class HashedNgramEmbedder:
+    """``embed(chunks [N, m] int ids) -> [N, dim] float32`` unit vectors (ids < 0 are padding, ignored).
+
+    Args:
+        dim: embedding width.
+        hashes: coordinates each feature is added to (more: distances preserved more closely).
+        seed: selects the hash functions; the same seed gives the same embedder.
+        bigram_weight: weight of a pair count relative to a token count.
+    """
+
+    def __init__(self, dim: int = 256, hashes: int = 4, seed: int = 0, bigram_weight: float = 1.0) -> None:
+        if dim < 1 or hashes < 1:
+            raise ValueError(f"dim and hashes must be positive, got dim={dim}, hashes={hashes}")
+        self.dim, self.hashes, self.seed, self.bigram_weight = dim, hashes, seed, bigram_weight
+        # one salt per hash function, drawn from splitmix64's stream of the seed
+        with np.errstate(over="ignore"):
+            states = np.uint64(seed) + GOLDEN_GAMMA * np.arange(1, hashes + 1, dtype=np.uint64)
+        self._salts = splitmix64_mix(states)
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"chunks: expected [N, m] token ids, got shape {chunks.shape}")
+        n, m = chunks.shape
+        ids = chunks.astype(np.int64)
+        valid = ids >= 0
+        uni = ids.astype(np.uint64)
+        # a pair (a, b) as one 64-bit key, kept apart from the token keys by a salt
+        pair = (uni[:, :-1] * np.uint64(0x100000001B3)) ^ uni[:, 1:] ^ _BIGRAM_SALT
+        pair_valid = valid[:, :-1] & valid[:, 1:]
+        keys = np.concatenate([uni, pair], axis=1)
+        weights = np.concatenate([np.ones((n, m)), np.full((n, max(m - 1, 0)), self.bigram_weight)], axis=1)
+        weights = weights * np.concatenate([valid, pair_valid], axis=1)
+        rows = np.broadcast_to(np.arange(n)[:, None], keys.shape)
+        out = np.zeros(n * self.dim, dtype=np.float64)
+        for salt in self._salts:
+            with np.errstate(over="ignore"):
+                h = splitmix64_mix(keys ^ salt)
+            column = (h % np.uint64(self.dim)).astype(np.int64)
+            sign = np.where((h >> np.uint64(63)) == 1, -1.0, 1.0)
+            out += np.bincount((rows * self.dim + column).ravel(), (sign * weights).ravel(), minlength=n * self.dim)
+        out = out.reshape(n, self.dim)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
