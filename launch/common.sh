@@ -6,6 +6,15 @@ die() {
     exit 2
 }
 
+# The interpreter: the project's .venv (what `make` sets up) when it is there, else python3 on PATH.
+default_python() {
+    if [[ -z ${VIRTUAL_ENV:-} && -x .venv/bin/python ]]; then
+        echo .venv/bin/python
+    else
+        echo python3
+    fi
+}
+
 # GPUs this node may use: the ones CUDA_VISIBLE_DEVICES names, else all that nvidia-smi lists, else 1.
 gpu_count() {
     local n=0

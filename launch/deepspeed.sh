@@ -22,7 +22,8 @@ Environment (default in brackets):
   MASTER_ADDR           address of the first host [127.0.0.1 without HOSTFILE; else found by
                         ssh to the first host]
   MASTER_PORT           torch.distributed port on MASTER_ADDR [29500]
-  PYTHON                interpreter that runs the launcher and the ranks [python3]
+  PYTHON                interpreter that runs the launcher and the ranks [.venv/bin/python when present
+                        and no virtualenv is active, else python3]
   OMP_NUM_THREADS       threads per rank [CPU cores / ranks per node, at least 1]
   TORCH_EXTENSIONS_DIR  where deepspeed's JIT-built ops are cached [$PWD/.cache/torch_extensions]
   ENTRY                 module each rank runs; for tests and advanced use [pretrain]
@@ -48,7 +49,7 @@ fi
 config=$1
 shift
 MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(default_python)}
 ENTRY=${ENTRY:-pretrain}
 
 resources=()

@@ -18,7 +18,8 @@ Environment (default in brackets):
   MASTER_ADDR           address of the node that hosts the c10d rendezvous (NNODES > 1) [127.0.0.1]
   MASTER_PORT           rendezvous port on MASTER_ADDR (NNODES > 1) [29500]
   RDZV_ID               rendezvous id, the same on every node of one job (NNODES > 1) [zarvan]
-  PYTHON                interpreter that runs torchrun and the ranks [python3]
+  PYTHON                interpreter that runs torchrun and the ranks [.venv/bin/python when present
+                        and no virtualenv is active, else python3]
   OMP_NUM_THREADS       threads per rank [CPU cores / NPROC_PER_NODE, at least 1]
   TORCH_EXTENSIONS_DIR  where JIT-built extensions are cached [$PWD/.cache/torch_extensions]
   ENTRY                 module each rank runs; for tests and advanced use [pretrain]
@@ -48,7 +49,7 @@ NPROC_PER_NODE=${NPROC_PER_NODE:-$(gpu_count)}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ID=${RDZV_ID:-zarvan}
-PYTHON=${PYTHON:-python3}
+PYTHON=${PYTHON:-$(default_python)}
 ENTRY=${ENTRY:-pretrain}
 for knob in NNODES NPROC_PER_NODE MASTER_PORT; do
     [[ ${!knob} =~ ^[1-9][0-9]*$ ]] || die "$knob must be a positive integer, not '${!knob}'"
