@@ -6,6 +6,18 @@ die() {
     exit 2
 }
 
+# handle_help ARGS...: no arguments -> the script's usage on stderr, exit 2; -h / --help -> usage, exit 0.
+handle_help() {
+    if [[ $# -eq 0 ]]; then
+        usage >&2
+        exit 2
+    fi
+    if [[ $1 == -h || $1 == --help ]]; then
+        usage
+        exit 0
+    fi
+}
+
 # The interpreter: the project's .venv (what `make` sets up) when it is there, else python3 on PATH.
 default_python() {
     if [[ -z ${VIRTUAL_ENV:-} && -x .venv/bin/python ]]; then

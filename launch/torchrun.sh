@@ -33,14 +33,7 @@ SCRIPT=launch/torchrun.sh
 # shellcheck source=launch/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-if [[ $# -eq 0 ]]; then
-    usage >&2
-    exit 2
-fi
-if [[ $1 == -h || $1 == --help ]]; then
-    usage
-    exit 0
-fi
+handle_help "$@"
 
 config=$1
 shift
