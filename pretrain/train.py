@@ -52,6 +52,8 @@ from zarvan_dist.training.engines import (
     build_engine,
     convert_to_universal,
     init_distributed,
+    resolve_device,
+    resolve_dtype,
     shutdown_distributed,
 )
 from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
@@ -92,24 +94,6 @@ class Counters:
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in float32: logits [B, T, V], targets [B, T]."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the current CUDA device when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r}, but CUDA is not available")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return getattr(torch, name)
 
 
 def resolve_model_config(cfg: RunConfig, manifest: Manifest) -> ModelConfig:

@@ -307,7 +307,7 @@ class FSDPEngine(Engine):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         f = self.cfg.fsdp
-        dtype = _autocast_dtype(self.cfg.train.dtype, self.device)
+        dtype = resolve_dtype(self.cfg.train.dtype, self.device)
         # parameters gathered in the compute dtype, gradients reduced in float32; block inputs are not
         # cast (the carried recurrent state stays float32 across windows)
         mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
@@ -450,7 +450,18 @@ def build_engine(module: nn.Module, make_optimizer: Callable[[nn.Module], torch.
     return ENGINE_CLASSES[cfg.engine](module, make_optimizer, cfg, env, device)
 
 
-def _autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the current CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r}, but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: ``auto`` is bfloat16 on a GPU that supports it, float32 otherwise."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
