@@ -1,4 +1,4 @@
-"""Command line of the data jobs: ``python -m data_prep {tokenizer,shards,verify,inspect} --help``."""
+"""Command line of the data jobs: ``python -m data_prep {tokenizer,shards,verify,inspect,retrieval} --help``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import sys
 
 from data_prep import DataPrepError
 from data_prep.corpus import DEFAULT_EXTENSIONS, CorpusConfig, CorpusStats
+from data_prep.chunks import EmbedConfig, embed_corpus
+from data_prep.faiss_index import IndexConfig, build_index
 from data_prep.inspection import describe_dataset, show_window
+from data_prep.retrieval import NeighboursConfig, find_neighbours
 from data_prep.shards import ShardsConfig, write_shards
 from data_prep.tokenizer import TRAIN_THREADS, TokenizerConfig, train_tokenizer
 from data_prep.verify import verify_dataset
@@ -87,11 +90,111 @@ def run_inspect(args: argparse.Namespace) -> None:
     print(show_window(reader, args.split, args.window, ids=args.ids))
 
 
+def run_embed(args: argparse.Namespace) -> None:
+    cfg = EmbedConfig(corpus=args.corpus, out=args.out, split=args.split, chunk_len=args.chunk_len,
+                      embedder=args.embedder, dim=args.dim, chunks_per_shard=args.chunks_per_shard,
+                      device=args.device, overwrite=args.overwrite)
+    s = embed_corpus(cfg, progress=not args.quiet)
+    print(f"embedded {s['embedded']:,} chunks ({s['kept_shards']} of {s['shards']} shards kept from an earlier "
+          f"run) in {s['seconds']:.1f} s: {s['chunks_per_s']:,.0f} chunks/s; {s['chunks']:,} chunks x {s['dim']} "
+          f"in {cfg.out}")
+
+
+def run_index(args: argparse.Namespace) -> None:
+    overrides = {"kind": args.kind, "nlist": args.nlist, "nprobe": args.nprobe, "target_recall": args.target_recall,
+                 "seed": args.seed, "device": args.device}
+    cfg = IndexConfig.from_file(args.config, **overrides) if args.config else \
+        IndexConfig(**{k: v for k, v in overrides.items() if v is not None})
+    s = build_index(args.retrieval, cfg, progress=not args.quiet)
+    recall = "n/a" if s.recall_at_10 is None else f"{s.recall_at_10:.3f}"
+    print(f"{s.kind} index of {s.ntotal:,} x {s.dim} (nlist {s.nlist}, nprobe {s.nprobe}) on {s.device}: "
+          f"recall@10 {recall} on {s.calibration_queries} held-out queries; "
+          f"{s.index_bytes / 2**20:.1f} MiB; seconds {s.seconds}")
+
+
+def run_neighbours(args: argparse.Namespace) -> None:
+    cfg = NeighboursConfig(dataset=args.dataset, retrieval=args.retrieval, out=args.out, chunk_len=args.chunk_len,
+                           k=args.k, nprobe=args.nprobe, device=args.device, overwrite=args.overwrite)
+    s = find_neighbours(cfg, progress=not args.quiet)
+    for name, t in s["splits"].items():
+        print(f"{name}: {t['windows']:,} windows, {t['shards']} shards ({t['kept_shards']} kept from an earlier run)")
+    print(f"wrote {s['out']} (nprobe {s['nprobe']}, {s['device']}) in {s['seconds']:.1f} s")
+
+
+def _retrieval_parser(jobs) -> None:
+    p = jobs.add_parser(
+        "retrieval", help="embed corpus chunks, build a FAISS index, find every window chunk's neighbours",
+        description="RETRO-style retrieval, offline: `embed` cuts a dataset's split into document-aligned "
+                    "chunks and embeds them, `index` builds a FAISS index over the embeddings, `neighbours` "
+                    "writes the nearest corpus chunks of every chunk of every window beside the token shards. "
+                    "Every job resumes after a kill.",
+    )
+    sub = p.add_subparsers(dest="retrieval_job", required=True, metavar="STEP")
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("--quiet", action="store_true", help="no progress bars")
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto (default): CUDA when present (faiss-gpu for FAISS), else CPU")
+
+    e = sub.add_parser(
+        "embed", parents=[quiet, device], help="cut a split into chunks of m tokens and embed them",
+        description="Cut CORPUS's split into chunks of m tokens aligned to documents (a document's last chunk may "
+                    "be shorter) and write OUT/shard-NNNNNN.npz (embeddings, tokens, documents) and "
+                    "OUT/embeddings.json. Re-running after a kill resumes and ends byte-identical.",
+    )
+    e.add_argument("corpus", metavar="CORPUS", help="fsspec URL of a token dataset (directory or manifest.json)")
+    e.add_argument("--out", default=None, metavar="DIR", help="embeddings directory (default: CORPUS/retrieval/embeddings)")
+    e.add_argument("--split", choices=SPLITS, default="train", help="split to embed (default: train)")
+    e.add_argument("--chunk-len", type=int, default=64, help="m, tokens per corpus chunk (default: 64)")
+    e.add_argument("--embedder", default="hashed",
+                   help="hashed (default: model-free hashed unigram+bigram counts through a fixed random "
+                        "projection) or checkpoint:PATH (mean final hidden state of a trained checkpoint)")
+    e.add_argument("--dim", type=int, default=256, help="width of the hashed embedding (default: 256)")
+    e.add_argument("--chunks-per-shard", type=int, default=65536, help="chunks per shard (default: 65536)")
+    e.add_argument("--overwrite", action="store_true", help="replace embeddings of another configuration in OUT")
+    e.set_defaults(run=run_embed)
+
+    i = sub.add_parser(
+        "index", parents=[quiet, device], help="train and fill a FAISS index over the embeddings",
+        description="Train an IVF (flat or PQ lists) or flat FAISS index on a sample of RETRIEVAL/embeddings, add "
+                    "each shard to a copy of it, merge the copies and calibrate nprobe on held-out queries "
+                    "against exact search; writes RETRIEVAL/index/index.faiss and index.json.",
+    )
+    i.add_argument("retrieval", metavar="RETRIEVAL", help="directory holding embeddings/ (e.g. DATA/retrieval)")
+    i.add_argument("--config", default=None, metavar="YAML", help="index settings (keys of IndexConfig, e.g. "
+                   "configs/retrieval/ivf_flat.yaml); the flags below override it")
+    i.add_argument("--kind", choices=["ivf_flat", "ivf_pq", "flat"], default=None, help="index type (default: ivf_flat)")
+    i.add_argument("--nlist", type=int, default=None, help="inverted lists (default: 4 sqrt(chunks))")
+    i.add_argument("--nprobe", type=int, default=None,
+                   help="lists searched per query (default: calibrated to reach --target-recall)")
+    i.add_argument("--target-recall", type=float, default=None, help="recall@10 to calibrate nprobe to (default: 0.95)")
+    i.add_argument("--seed", type=int, default=None, help="seed of sampling and k-means (default: 0)")
+    i.set_defaults(run=run_index)
+
+    n = sub.add_parser(
+        "neighbours", parents=[quiet, device], help="the k nearest corpus chunks of every window chunk",
+        description="For every chunk of C tokens of every train and val window of DATASET, the k nearest corpus "
+                    "chunks from other documents, stored as tokens (chunk + continuation) with distances in "
+                    "sidecar shards OUT/{train,val}/shard-NNNNNN.tar keyed like the token shards, and "
+                    "OUT/neighbours.json. Train with `data.neighbours: OUT`.",
+    )
+    n.add_argument("dataset", metavar="DATASET", help="fsspec URL of the token dataset")
+    n.add_argument("--retrieval", default=None, metavar="DIR", help="embeddings/ and index/ (default: DATASET/retrieval)")
+    n.add_argument("--out", default=None, metavar="DIR", help="sidecar directory (default: DATASET/retrieval/neighbours)")
+    n.add_argument("--chunk-len", type=int, default=64, help="C, tokens per window chunk: the model's supervisor_chunk "
+                   "(default: 64)")
+    n.add_argument("--k", type=int, default=2, help="neighbours per chunk (default: 2)")
+    n.add_argument("--nprobe", type=int, default=None, help="lists searched (default: index.json's calibrated value)")
+    n.add_argument("--overwrite", action="store_true", help="replace neighbours of another configuration in OUT")
+    n.set_defaults(run=run_neighbours)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``data_prep`` argument parser, one sub-command per job."""
     parser = argparse.ArgumentParser(
         prog="python -m data_prep",
-        description="Offline data jobs: train a tokenizer, write token shards, verify and inspect them.",
+        description="Offline data jobs: train a tokenizer, write token shards, verify and inspect them, "
+                    "and build retrieval neighbours.",
     )
     jobs = parser.add_subparsers(dest="job", required=True, metavar="JOB")
     corpus = _corpus_parser()
@@ -152,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="also print the window's token ids")
     p.add_argument("--split", choices=SPLITS, default="train", help="split of the window (default: train)")
     p.set_defaults(run=run_inspect)
+    _retrieval_parser(jobs)
     return parser
 
 

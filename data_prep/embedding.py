@@ -11,8 +11,12 @@ and library version.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from data_prep import DataPrepError
 from zarvan_dist.data.lanes import GOLDEN_GAMMA, splitmix64_mix
 
 _BIGRAM_SALT = np.uint64(0xD1B54A32D192ED03)
@@ -36,6 +40,12 @@ class HashedNgramEmbedder:
         with np.errstate(over="ignore"):
             states = np.uint64(seed) + GOLDEN_GAMMA * np.arange(1, hashes + 1, dtype=np.uint64)
         self._salts = splitmix64_mix(states)
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """What rebuilds this embedder (``make_embedder(spec)``)."""
+        return {"kind": "hashed", "dim": self.dim, "hashes": self.hashes, "seed": self.seed,
+                "bigram_weight": self.bigram_weight}
 
     def embed(self, chunks: np.ndarray) -> np.ndarray:
         chunks = np.asarray(chunks)
@@ -62,3 +72,64 @@ class HashedNgramEmbedder:
         out = out.reshape(n, self.dim)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return (out / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+
+
+class CheckpointEmbedder:
+    """``embed(chunks [N, m]) -> [N, E]``: the mean over a chunk's tokens of a trained model's final
+    hidden state (the last block's output after the final norm, before the head), L2-normalised.
+
+    Each chunk is read on its own from an empty state, as the start of a document; padding
+    (ids < 0) sits after the tokens, so a causal model's hidden states of the tokens ignore it.
+    """
+
+    def __init__(self, path: str, device: str = "auto", batch: int = 256) -> None:
+        import torch
+
+        from zarvan_dist.training.checkpoint import CheckpointError, load_checkpoint_model
+
+        self.torch = torch
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else "cpu" if device == "auto" else device)
+        try:
+            self.model = load_checkpoint_model(path, self.device).float()
+        except (CheckpointError, OSError, KeyError) as exc:
+            raise DataPrepError(f"--embedder checkpoint:{path}: cannot load the model: {exc}") from None
+        self.path, self.batch = str(Path(path).resolve()), batch
+        self.dim = self.model.config.d_model
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "checkpoint", "path": self.path, "dim": self.dim}
+
+    def embed(self, chunks: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        chunks = np.asarray(chunks)
+        if chunks.ndim != 2:
+            raise ValueError(f"chunks: expected [N, m] token ids, got shape {chunks.shape}")
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(chunks), self.batch):
+                ids = torch.from_numpy(chunks[i:i + self.batch].astype(np.int64)).to(self.device)
+                valid = (ids >= 0).to(torch.float32)
+                x, *_ = self.model.run_blocks(ids.clamp(min=0), None, None)
+                h = self.model.norm(x).float() * valid[..., None]
+                mean = h.sum(1) / valid.sum(1, keepdim=True).clamp(min=1)
+                out.append(torch.nn.functional.normalize(mean, dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
+
+
+def make_embedder(spec: str | dict[str, Any], dim: int = 256, device: str = "auto"):
+    """An embedder from the job option (``hashed`` or ``checkpoint:PATH``, hashed of width ``dim``) or
+    from the ``spec`` dict an embeddings manifest recorded."""
+    if isinstance(spec, dict):
+        kind = spec.get("kind")
+        if kind == "hashed":
+            return HashedNgramEmbedder(spec["dim"], spec["hashes"], spec["seed"], spec["bigram_weight"])
+        if kind == "checkpoint":
+            return CheckpointEmbedder(spec["path"], device)
+        raise DataPrepError(f"unknown embedder kind {kind!r} (expected hashed or checkpoint)")
+    if spec == "hashed":
+        return HashedNgramEmbedder(dim)
+    if spec.startswith("checkpoint:") and len(spec) > len("checkpoint:"):
+        return CheckpointEmbedder(spec[len("checkpoint:"):], device)
+    raise DataPrepError(f"--embedder: expected hashed or checkpoint:PATH, got {spec!r}")

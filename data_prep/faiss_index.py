@@ -1,0 +1,381 @@
+"""The ``retrieval index`` job: a FAISS index over the chunk embeddings, built per shard and merged.
+
+Steps (each resumable: ``progress.json`` records what is done, with sha256s):
+1. train: an empty index (IVF with flat lists, IVF with PQ codes, or exact flat; inner product on
+   unit vectors = cosine) is trained on a seeded sample of the embeddings and saved as
+   ``trained.faiss``;
+2. add: for every embeddings shard, a copy of the trained index gets that shard's vectors under
+   their global chunk ids (added in batches) and is saved as ``parts/part-NNNNNN.faiss``;
+3. merge: the parts are merged into ``index.faiss`` (IVF: ``merge_from``, lists appended in chunk
+   order, so the result does not depend on how many parts there were);
+4. calibrate: held-out queries (a seeded sample of corpus chunks, each excluded from its own
+   results) are searched exactly and with the index; ``nprobe`` is doubled until recall@10 reaches
+   ``target_recall``, and the chosen ``nprobe`` and the measured recall go into ``index.json``.
+
+Training and search run on GPUs with faiss-gpu when it sees CUDA devices (``device: auto``), and
+on CPU with faiss-cpu otherwise; the index on disk is always the CPU form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import DataPrepError
+from data_prep.chunks import EMBED_MANIFEST, EmbeddingsManifest, _intact_prefix, read_embedding_shard
+from data_prep.storage import filesystem, put_atomic
+from zarvan_dist.config import ConfigError, from_dict, load_yaml, to_dict
+
+INDEX_NAME = "index.faiss"
+INDEX_MANIFEST = "index.json"
+INDEX_FORMAT = "zarvan-faiss-index"
+TRAINED_NAME = "trained.faiss"
+PROGRESS_NAME = "progress.json"
+RECALL_AT = 10
+
+
+def import_faiss():
+    """The faiss module, or an error saying how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise DataPrepError("retrieval needs FAISS: pip install faiss-cpu (or faiss-gpu for CUDA), "
+                            "or install this project with the [retrieval] extra") from None
+    return faiss
+
+
+@dataclass
+class IndexConfig:
+    """Settings of the ``retrieval index`` job (a YAML file of these keys may be given with --config)."""
+
+    kind: Literal["ivf_flat", "ivf_pq", "flat"] = "ivf_flat"
+    """ivf_flat: inverted lists of full vectors (exact scores; the default); ivf_pq: lists of PQ codes
+    (pq_m bytes per vector at 8 bits instead of 4 x dim, approximate scores); flat: exact search."""
+    nlist: int | None = None
+    """Inverted lists; default 4 x sqrt(chunks), at most chunks / 39 (FAISS's training minimum)."""
+    nprobe: int | None = None
+    """Lists searched per query; default: the smallest power of two reaching ``target_recall``."""
+    target_recall: float = 0.95
+    """Recall@10 against exact search that the default ``nprobe`` is calibrated to reach."""
+    calibration_queries: int = 1000
+    """Held-out corpus chunks searched to calibrate ``nprobe`` and measure recall."""
+    pq_m: int | None = None
+    """ivf_pq: sub-quantizers (must divide the dimension); default dim / 4."""
+    pq_bits: int = 8
+    """ivf_pq: bits per sub-quantizer code."""
+    train_size: int | None = None
+    """Embeddings sampled to train the quantizers; default 64 x nlist (at least 39 x 2**pq_bits for PQ)."""
+    seed: int = 0
+    """Seed of the training sample, the k-means initialisation and the calibration queries."""
+    add_batch: int = 65536
+    """Vectors added to the index at once."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: GPUs when faiss-gpu sees them, else CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("nlist", "nprobe", "pq_m", "train_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name}: expected a positive integer or null, got {v}")
+        if not 0.0 < self.target_recall <= 1.0:
+            raise ConfigError(f"target_recall: expected a number in (0, 1], got {self.target_recall}")
+        for name in ("calibration_queries", "add_batch", "pq_bits"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+    @classmethod
+    def from_file(cls, path: str, **overrides: Any) -> IndexConfig:
+        data = load_yaml(path)
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return from_dict(cls, data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve_device(device: str) -> str:
+    """``cuda`` when asked for (or ``auto`` and faiss-gpu sees a GPU), else ``cpu``."""
+    faiss = import_faiss()
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if device == "cuda" and gpus == 0:
+        raise DataPrepError("--device cuda: this FAISS has no GPU support or sees no GPU (install faiss-gpu)")
+    return "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
+
+
+def to_device(index, device: str):
+    """The index itself on CPU; a GPU copy over every visible GPU for ``cuda``."""
+    if device == "cpu":
+        return index
+    return import_faiss().index_cpu_to_all_gpus(index)
+
+
+def set_nprobe(index, nprobe: int | None) -> None:
+    """Lists searched per query (no-op for a flat index)."""
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = nprobe
+
+
+def serialize(index) -> bytes:
+    return import_faiss().serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes):
+    return import_faiss().deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def default_nlist(chunks: int) -> int:
+    """4 sqrt(N) lists, but no more than N / 39 (k-means needs 39 training points per list)."""
+    return max(1, min(int(round(4 * math.sqrt(chunks))), chunks // 39))
+
+
+def empty_index(cfg: IndexConfig, dim: int, nlist: int):
+    faiss = import_faiss()
+    if cfg.kind == "flat":
+        return faiss.IndexFlatIP(dim)
+    quantizer = faiss.IndexFlatIP(dim)
+    if cfg.kind == "ivf_flat":
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        pq_m = cfg.pq_m or max(1, dim // 4)
+        if dim % pq_m:
+            raise ConfigError(f"pq_m: {pq_m} does not divide the embedding dimension {dim}")
+        index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_m, cfg.pq_bits, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = cfg.seed
+    index.own_fields = True
+    quantizer.this.disown()
+    return index
+
+
+def sample_rows(root: str, manifest: EmbeddingsManifest, rows: np.ndarray) -> np.ndarray:
+    """The embeddings of global chunk ids ``rows`` (sorted), read shard by shard."""
+    out = np.empty((len(rows), manifest.dim), dtype=np.float32)
+    for shard in manifest.shards:
+        lo, hi = np.searchsorted(rows, [shard.first_chunk, shard.first_chunk + shard.chunks])
+        if hi > lo:
+            out[lo:hi] = read_embedding_shard(root, shard)["embeddings"][rows[lo:hi] - shard.first_chunk]
+    return out
+
+
+def exact_top(root: str, manifest: EmbeddingsManifest, queries: np.ndarray, exclude: np.ndarray | None,
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top ``k`` (scores, ids) over all embeddings, streamed shard by shard;
+    ``exclude[i]`` (a chunk id, or -1) is left out of query i's results. Ties go to the smaller id."""
+    nq = len(queries)
+    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
+    best_i = np.full((nq, k), -1, dtype=np.int64)
+    for shard in manifest.shards:
+        x = read_embedding_shard(root, shard)["embeddings"]
+        for a in range(0, len(x), 16384):
+            scores = queries @ x[a:a + 16384].T
+            ids = shard.first_chunk + a + np.arange(scores.shape[1])
+            if exclude is not None:
+                scores[exclude[:, None] == ids[None, :]] = -np.inf
+            if scores.shape[1] > k:  # this block's k best (in any order), then merge with the best so far
+                top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+                scores, block_ids = np.take_along_axis(scores, top, 1), ids[top]
+            else:
+                block_ids = np.broadcast_to(ids, scores.shape)
+            s = np.concatenate([best_s, scores], axis=1)
+            i = np.concatenate([best_i, block_ids], axis=1)
+            order = np.stack([np.lexsort((i[q], -s[q]))[:k] for q in range(nq)])
+            best_s, best_i = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
+    return best_s, best_i
+
+
+def recall_at(found: np.ndarray, exact_scores: np.ndarray, exact_ids: np.ndarray, k: int = RECALL_AT,
+              tol: float = 1e-5) -> float:
+    """Recall@k of ``found`` ids [Q, >=k] against an exact top list [Q, >=k] (longer lists are fine).
+
+    A found id counts when it is in the exact list with a score at least the exact k-th best minus
+    ``tol``: among chunks tied with the k-th (duplicated text), any one is a right answer.
+    """
+    hits = 0
+    for q in range(len(found)):
+        kth = exact_scores[q, k - 1]
+        good = {int(i) for i, s in zip(exact_ids[q], exact_scores[q]) if s >= kth - tol and i >= 0}
+        hits += sum(int(i) in good for i in found[q, :k])
+    return hits / (k * len(found))
+
+
+@dataclass
+class IndexSummary:
+    """What ``index.json`` records."""
+
+    format: str
+    kind: str
+    dim: int
+    ntotal: int
+    nlist: int
+    nprobe: int | None
+    recall_at_10: float | None
+    calibration_queries: int
+    train_size: int
+    embeddings_sha256: str
+    index_sha256: str
+    index_bytes: int
+    device: str
+    seconds: dict[str, float]
+    config: dict[str, Any]
+
+
+def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> IndexSummary:
+    """Run the ``index`` job on the embeddings in ``retrieval/embeddings``; writes ``retrieval/index``."""
+    faiss = import_faiss()
+    emb_root = f"{retrieval.rstrip('/')}/embeddings"
+    manifest = EmbeddingsManifest.load(emb_root)
+    n, dim = manifest.chunks, manifest.dim
+    if n == 0:
+        raise DataPrepError(f"{emb_root}: no chunks to index")
+    device = resolve_device(cfg.device)
+    nlist = 1 if cfg.kind == "flat" else cfg.nlist or default_nlist(n)
+    if cfg.kind != "flat" and nlist > n:
+        raise ConfigError(f"nlist: {nlist} lists for {n} chunks; use at most {n}")
+    min_train = 39 * (1 << cfg.pq_bits) if cfg.kind == "ivf_pq" else 0
+    train_size = min(n, cfg.train_size or max(64 * nlist, min_train))
+    emb_fs, emb_path = filesystem(emb_root)
+    emb_sha = hashlib.sha256(emb_fs.cat_file(f"{emb_path.rstrip('/')}/{EMBED_MANIFEST}")).hexdigest()
+    job = json.loads(json.dumps({"embeddings_sha256": emb_sha, "config": {**to_dict(cfg), "device": None},
+                                 "nlist": nlist, "train_size": train_size}))
+    out = f"{retrieval.rstrip('/')}/index"
+    fs, root = filesystem(out)
+    root = root.rstrip("/")
+    state = _journal(fs, root, job)
+    seconds: dict[str, float] = {}
+
+    t = time.perf_counter()
+    trained_bytes = fs.cat_file(f"{root}/{TRAINED_NAME}") if state.get("trained_sha256") and fs.exists(
+        f"{root}/{TRAINED_NAME}") else None
+    if trained_bytes is None or hashlib.sha256(trained_bytes).hexdigest() != state["trained_sha256"]:
+        index = empty_index(cfg, dim, nlist)
+        if cfg.kind != "flat":
+            rows = np.sort(np.random.default_rng([cfg.seed, 0]).choice(n, train_size, replace=False)) if train_size < n else np.arange(n)
+            x = sample_rows(emb_root, manifest, rows)
+            if progress:
+                print(f"training {cfg.kind} (nlist {nlist}) on {len(x):,} of {n:,} embeddings on {device}")
+            if device == "cuda":
+                gpu = to_device(index, device)
+                gpu.train(x)
+                index = faiss.index_gpu_to_cpu(gpu)
+            else:
+                index.train(x)
+        trained_bytes = serialize(index)
+        put_atomic(fs, f"{root}/{TRAINED_NAME}", trained_bytes)
+        state = {"job": job, "trained_sha256": hashlib.sha256(trained_bytes).hexdigest(), "parts": []}
+        _save(fs, root, state)
+    seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    parts = [dict(p) for p in state["parts"]]
+    kept = _intact_prefix(fs, root, [_Part(p["path"], p["sha256"]) for p in parts])
+    parts = parts[:kept]
+    for k, shard in enumerate(tqdm(manifest.shards, desc="add", unit="shard", disable=not progress)):
+        if k < kept:
+            continue
+        part = deserialize(trained_bytes)
+        x = read_embedding_shard(emb_root, shard, check=True)["embeddings"]
+        for a in range(0, len(x), cfg.add_batch):
+            ids = shard.first_chunk + a + np.arange(min(cfg.add_batch, len(x) - a), dtype=np.int64)
+            if cfg.kind == "flat":
+                part.add(x[a:a + cfg.add_batch])
+            else:
+                part.add_with_ids(x[a:a + cfg.add_batch], ids)
+        data = serialize(part)
+        rel = f"parts/part-{k:06d}.faiss"
+        put_atomic(fs, f"{root}/{rel}", data)
+        parts.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "ntotal": int(part.ntotal)})
+        state["parts"] = parts
+        _save(fs, root, state)
+    seconds["add"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    index = deserialize(trained_bytes)
+    for p in tqdm(parts, desc="merge", unit="part", disable=not progress):
+        part = deserialize(fs.cat_file(f"{root}/{p['path']}"))
+        if cfg.kind == "flat":
+            index.add(part.reconstruct_n(0, part.ntotal))
+        else:
+            index.merge_from(part, 0)
+    if index.ntotal != n:
+        raise DataPrepError(f"{out}: merged index holds {index.ntotal} vectors, the embeddings {n}")
+    seconds["merge"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    nq = min(cfg.calibration_queries, n)
+    qrows = np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, nq, replace=False))
+    queries = sample_rows(emb_root, manifest, qrows)
+    exact_s, exact_i = exact_top(emb_root, manifest, queries, qrows, 4 * RECALL_AT)
+    searcher = to_device(index, device)
+    nprobe, recall = cfg.nprobe, None
+    candidates = [cfg.nprobe] if cfg.nprobe or cfg.kind == "flat" else \
+        sorted({min(2 ** e, nlist) for e in range(math.ceil(math.log2(nlist)) + 1)})
+    for nprobe in candidates:
+        set_nprobe(searcher, nprobe)
+        _, found = searcher.search(queries, RECALL_AT + 1)
+        found = np.stack([[i for i in row if i != q][:RECALL_AT] for row, q in zip(found, qrows)])
+        recall = recall_at(found, exact_s, exact_i)
+        if progress:
+            print(f"  nprobe {nprobe}: recall@{RECALL_AT} {recall:.3f}")
+        if recall >= cfg.target_recall:
+            break
+    if cfg.kind == "flat":
+        nprobe = None
+    elif recall < cfg.target_recall:
+        print(f"warning: recall@{RECALL_AT} {recall:.3f} stays below target_recall {cfg.target_recall} "
+              f"(nprobe {nprobe} of {nlist} lists; ivf_pq codes cap it: use ivf_flat or more pq_m)")
+    set_nprobe(index, nprobe)
+    seconds["calibrate"] = time.perf_counter() - t
+
+    data = serialize(index)
+    put_atomic(fs, f"{root}/{INDEX_NAME}", data)
+    summary = IndexSummary(INDEX_FORMAT, cfg.kind, dim, int(index.ntotal), nlist, nprobe, recall, nq, train_size,
+                           emb_sha, hashlib.sha256(data).hexdigest(), len(data), device,
+                           {k: round(v, 3) for k, v in seconds.items()}, to_dict(cfg))
+    put_atomic(fs, f"{root}/{INDEX_MANIFEST}", (json.dumps(to_dict(summary), indent=2) + "\n").encode())
+    return summary
+
+
+@dataclass
+class _Part:
+    path: str
+    sha256: str
+
+
+def _journal(fs, root: str, job: dict) -> dict:
+    """The journal of an earlier run of ``job``, or a fresh one (an index of other settings is replaced:
+    it is derived data, rebuilt from the embeddings)."""
+    path = f"{root}/{PROGRESS_NAME}"
+    if fs.exists(path):
+        state = json.loads(fs.cat_file(path))
+        if state.get("job") == job:
+            return state
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    return {"job": job, "parts": []}
+
+
+def _save(fs, root: str, state: dict) -> None:
+    put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
+
+
+def load_index(retrieval: str) -> tuple[Any, dict[str, Any]]:
+    """The built index (CPU form, ``nprobe`` set) and its ``index.json``."""
+    root = f"{retrieval.rstrip('/')}/index"
+    fs, path = filesystem(root)
+    path = path.rstrip("/")
+    try:
+        summary = json.loads(fs.cat_file(f"{path}/{INDEX_MANIFEST}"))
+        data = fs.cat_file(f"{path}/{INDEX_NAME}")
+    except FileNotFoundError:
+        raise DataPrepError(f"{root}: no index (run `python -m data_prep retrieval index` first)") from None
+    if hashlib.sha256(data).hexdigest() != summary["index_sha256"]:
+        raise DataPrepError(f"{root}/{INDEX_NAME}: sha256 does not match {INDEX_MANIFEST}")
+    index = deserialize(data)
+    set_nprobe(index, summary["nprobe"])
+    return index, summary
