@@ -133,27 +133,40 @@ def search_excluding(searcher, queries: np.ndarray, excluded: np.ndarray, keys: 
     """The k best corpus chunks of each query whose document key is not in its ``excluded`` row.
 
     queries [Q, d] float32; excluded [Q, E] int64 document keys. Returns (ids [Q, k] int64, -1 where
-    fewer were found; inner products [Q, k] float32). Queries short of k after dropping are
-    searched again with four times the width, until the width covers the whole index.
+    fewer were found; inner products [Q, k] float32). Queries short of k after dropping are searched
+    again, four times wider; where an IVF search ran out of candidates (the lists it probed hold
+    little but the query's own document, e.g. a long file of similar lines) with four times the
+    ``nprobe`` instead, until the whole index is covered.
     """
     nq = len(queries)
     ids = np.full((nq, k), -1, dtype=np.int64)
     sims = np.full((nq, k), -np.inf, dtype=np.float32)
     todo = np.arange(nq)
     width = min(k + _FIRST_WIDTH, ntotal)
-    while len(todo):
-        sim, found = searcher.search(queries[todo], width)
-        ok = found >= 0
-        ok[ok] = ~np.any(keys[found[ok]][:, None] == excluded[todo][np.nonzero(ok)[0]], axis=1)
-        # stable: the index's order (best first) among the kept results
-        order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
-        kept = np.take_along_axis(ok, order, 1)
-        ids[todo] = np.where(kept, np.take_along_axis(found, order, 1), -1)
-        sims[todo] = np.where(kept, np.take_along_axis(sim, order, 1), -np.inf)
-        short = kept.sum(1) < k
-        if width >= ntotal:
-            break
-        todo, width = todo[short], min(width * 4, ntotal)
+    nlist = getattr(searcher, "nlist", 1)
+    nprobe = base = getattr(searcher, "nprobe", 1)
+    try:
+        while len(todo):
+            sim, found = searcher.search(queries[todo], width)
+            ok = found >= 0
+            ok[ok] = ~np.any(keys[found[ok]][:, None] == excluded[todo][np.nonzero(ok)[0]], axis=1)
+            # stable: the index's order (best first) among the kept results
+            order = np.argsort(~ok, axis=1, kind="stable")[:, :k]
+            kept = np.take_along_axis(ok, order, 1)
+            ids[todo] = np.where(kept, np.take_along_axis(found, order, 1), -1)
+            sims[todo] = np.where(kept, np.take_along_axis(sim, order, 1), -np.inf)
+            short = kept.sum(1) < k
+            exhausted = bool((found[short] < 0).any())
+            if exhausted and nprobe < nlist:
+                nprobe = min(nprobe * 4, nlist)
+                set_nprobe(searcher, nprobe)
+            elif width < ntotal:
+                width = min(width * 4, ntotal)
+            else:
+                break
+            todo = todo[short]
+    finally:
+        set_nprobe(searcher, base)
     return ids, sims
 
 
