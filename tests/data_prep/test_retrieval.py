@@ -274,21 +274,33 @@ def test_killed_jobs_resume_to_the_same_bytes(built, tmp_path):
     assert read_tree(out / "nb") == read_tree(built["retrieval"] / "neighbours")
 
 
-def test_other_index_kinds_build_and_search(built, tmp_path):
-    data = built["data"]
-    for kind in ("flat", "ivf_pq"):
-        out = tmp_path / kind
-        (out / "embeddings").mkdir(parents=True)
-        for f in (built["retrieval"] / "embeddings").iterdir():
-            (out / "embeddings" / f.name).write_bytes(f.read_bytes())
-        s = build_index(str(out), IndexConfig(kind=kind, pq_m=32, pq_bits=4), progress=False)
-        assert s.ntotal == built["emb"]["chunks"]
-        if kind == "flat":
-            assert s.recall_at_10 == pytest.approx(1.0)
-        index, _ = load_index(str(out))
-        _, ids = index.search(HashedNgramEmbedder().embed(np.array([[5, 6, 7, 8]])), 5)
-        assert (ids >= 0).all()
-    assert data.exists()
+INDEX_CONFIGS = sorted((REPO / "configs" / "retrieval").glob("*.yaml"))
+
+
+def _copy_embeddings(built, out: Path) -> None:
+    (out / "embeddings").mkdir(parents=True)
+    for f in (built["retrieval"] / "embeddings").iterdir():
+        (out / "embeddings" / f.name).write_bytes(f.read_bytes())
+
+
+@pytest.mark.parametrize("path", INDEX_CONFIGS, ids=lambda p: p.stem)
+def test_index_configs_parse_and_build(built, tmp_path, path):
+    assert INDEX_CONFIGS
+    cfg = IndexConfig.from_file(str(path))
+    _copy_embeddings(built, tmp_path)
+    s = build_index(str(tmp_path), cfg, progress=False)
+    assert s.ntotal == built["emb"]["chunks"] and s.kind == cfg.kind
+    assert s.recall_at_10 >= cfg.target_recall or s.nprobe == s.nlist
+    index, _ = load_index(str(tmp_path))
+    _, ids = index.search(HashedNgramEmbedder().embed(np.array([[5, 6, 7, 8]])), 5)
+    assert (ids >= 0).all()
+
+
+def test_flat_index_is_exact(built, tmp_path):
+    _copy_embeddings(built, tmp_path)
+    s = build_index(str(tmp_path), IndexConfig(kind="flat"), progress=False)
+    assert s.ntotal == built["emb"]["chunks"] and s.nprobe is None
+    assert s.recall_at_10 == pytest.approx(1.0)
 
 
 def test_cli_help_and_clear_errors(built, tmp_path):
