@@ -59,3 +59,53 @@ def test_bad_shapes_and_sizes_are_errors():
         HashedNgramEmbedder().embed(np.arange(5))
     with pytest.raises(ValueError, match="dim and hashes must be positive"):
         HashedNgramEmbedder(dim=0)
+
+
+def _export_dir(tmp_path):
+    """A small nonattn model written like ``pretrain.export`` writes one."""
+    import torch
+    import yaml
+    from safetensors.torch import save_model
+
+    from zarvan_dist.config import to_dict
+    from zarvan_dist.models import ModelConfig, build_model
+
+    cfg = ModelConfig(arch="nonattn", vocab_size=50, d_model=16, n_layers=1, dilations=[1, 2], conv_kernel=4,
+                      supervisor_chunk=4)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    save_model(model, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"model": to_dict(cfg)}))
+    (tmp_path / "export.json").write_text("{}")
+    return model
+
+
+def test_checkpoint_embedder_is_the_normalised_mean_final_hidden_state(tmp_path):
+    import torch
+
+    from data_prep.embedding import make_embedder
+
+    model = _export_dir(tmp_path).eval()
+    emb = make_embedder(f"checkpoint:{tmp_path}", device="cpu")
+    assert emb.dim == 16 and emb.spec["kind"] == "checkpoint"
+    chunks = np.array([[5, 6, 7, 8], [9, 10, 11, -1]])
+    got = emb.embed(chunks)
+    with torch.no_grad():
+        x, *_ = model.run_blocks(torch.tensor([[5, 6, 7, 8]]), None, None)
+        want = torch.nn.functional.normalize(model.norm(x).mean(1), dim=-1).numpy()
+        x3, *_ = model.run_blocks(torch.tensor([[9, 10, 11]]), None, None)
+        want3 = torch.nn.functional.normalize(model.norm(x3).mean(1), dim=-1).numpy()
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+    np.testing.assert_allclose(got[1], want3[0], atol=1e-6)  # padding after the tokens changes nothing
+    # the manifest's spec rebuilds the same embedder
+    np.testing.assert_array_equal(make_embedder(emb.spec, device="cpu").embed(chunks), got)
+
+
+def test_embedder_option_errors_are_clear(tmp_path):
+    from data_prep import DataPrepError
+    from data_prep.embedding import make_embedder
+
+    with pytest.raises(DataPrepError, match="hashed or checkpoint:PATH"):
+        make_embedder("word2vec")
+    with pytest.raises(DataPrepError, match="cannot load"):
+        make_embedder(f"checkpoint:{tmp_path / 'missing'}", device="cpu")
