@@ -109,7 +109,11 @@ def reference_logits(model, ids, doc_start, neighbours=None):
                     found = found[found >= 0]
                     if len(found):
                         pooled = p["embed.weight"][found].mean(0)
-                        fused = p["supervisor.fuse.weight"] @ torch.cat([r, pooled]) + p["supervisor.fuse.bias"]
+                        both = torch.cat([layer_norm(r, p["supervisor.fuse_norm_chunk.weight"],
+                                                     p["supervisor.fuse_norm_chunk.bias"]),
+                                          layer_norm(pooled, p["supervisor.fuse_norm_found.weight"],
+                                                     p["supervisor.fuse_norm_found.bias"])])
+                        fused = p["supervisor.fuse.weight"] @ both + p["supervisor.fuse.bias"]
                         r = r + torch.sigmoid(p["supervisor.gate"]) * torch.tanh(fused)
                 g = gru_cell(r, g, p)
                 open_chunk = []
@@ -254,7 +258,7 @@ def test_param_and_flop_count(retrieval, tie):
     per_layer = (e * k + e) + (e * e + e) + n_dil * (3 * e * e + e)  # S4 conv, W_pw, dilated k=3 convs
     supervisor = (6 * e * e + 6 * e) + e * e  # GRU cell (3 gates, input and hidden side), W_read
     if retrieval:
-        supervisor += (2 * e * e + e) + e  # W_f and the gate
+        supervisor += (2 * e * e + e) + e + 2 * 2 * e  # W_f, the gate, the two LayerNorms of its inputs
     body = layers * per_layer + supervisor + 2 * e  # + final LayerNorm
     head = v * e
     assert model.num_params() == v * e + body + (0 if tie else head)

@@ -6,7 +6,7 @@ Per layer, on x [B, T, E]:
 Then a chunk-level recurrent supervisor over chunks of C tokens aligned to the document start
 (chunk of a token = its position in the document // C):
   r_k = mean of the chunk's hidden vectors (the output of the last layer),
-  r_k <- r_k + sigmoid(gate) * tanh(W_f [r_k; retrieved])     (retrieval fusion, optional),
+  r_k <- r_k + sigmoid(gate) * tanh(W_f [LN(r_k); LN(retrieved)])     (retrieval fusion, optional),
   g_k = GRUCell(r_k, g_{k-1}),  g_{-1} = 0,
 and every token of chunk k reads g_{k-1}: logits = head(LayerNorm(x + W_read g_{k-1})), with
 W_read g_{-1} = 0. The supervisor thus reaches the logits, and no token reads its own chunk.
@@ -111,6 +111,10 @@ class Supervisor(nn.Module):
         self.cell = nn.GRUCell(e, e)
         self.read = nn.Linear(e, e, bias=False)
         if cfg.retrieval:
+            # both inputs normalised: the chunk mean grows with training while pooled embeddings stay
+            # small, and unnormalised they saturate the tanh, where no gradient reaches the fusion
+            self.fuse_norm_chunk = nn.LayerNorm(e)
+            self.fuse_norm_found = nn.LayerNorm(e)
             self.fuse = nn.Linear(2 * e, e)
             self.gate = nn.Parameter(torch.zeros(e))
 
@@ -175,7 +179,8 @@ class Supervisor(nn.Module):
             wc = window_chunk.clamp(min=0)
             usable = (window_chunk >= 0) & (wc * c >= doc_begin) & present.gather(1, wc)
             found = pooled.gather(1, wc[..., None].expand(-1, -1, pooled.shape[-1])).to(r.dtype)
-            fused = torch.sigmoid(self.gate) * torch.tanh(self.fuse(torch.cat([r, found], dim=-1)))
+            inputs = torch.cat([self.fuse_norm_chunk(r), self.fuse_norm_found(found)], dim=-1)
+            fused = torch.sigmoid(self.gate) * torch.tanh(self.fuse(inputs))
             r = r + fused * usable[..., None]
 
         g = state["g"].to(h.dtype)
