@@ -1,8 +1,9 @@
 """Evaluate a checkpoint on a split: ``python -m pretrain.eval --checkpoint PATH [--split val]``.
 
 The split's windows are dealt to ``--rows`` lanes (as in training) and read in order from each
-lane's start with the recurrent state carried from window to window. Prints one JSON object:
-checkpoint, step, split, loss (mean next-token cross-entropy, nats), perplexity, tokens, windows.
+lane's start with the recurrent state carried from window to window; a retrieval model reads the
+neighbours the run read (``data.neighbours``) or those ``--neighbours`` names. Prints one JSON
+object: checkpoint, step, split, loss (mean next-token cross-entropy, nats), perplexity, tokens, windows.
 """
 
 from __future__ import annotations
@@ -28,11 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=0,
                         help="windows per lane (default 0: every window of the lanes once)")
     parser.add_argument("--data-dir", default=None, metavar="URL", help="dataset to read (default: the run's data.dir)")
+    parser.add_argument("--neighbours", default=None, metavar="URL|none",
+                        help="neighbour sidecar of the dataset for a retrieval model (default: the run's "
+                             "data.neighbours); none: evaluate without retrieved text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     args = parser.parse_args(argv)
     try:
         path = resolve_checkpoint(args.checkpoint)
         overrides = ["engine=single", f"train.device={args.device}"] + ([f"data.dir={args.data_dir}"] if args.data_dir else [])
+        if args.neighbours is not None:
+            overrides.append(f"data.neighbours={'null' if args.neighbours == 'none' else args.neighbours}")
         cfg = RunConfig.from_dict(apply_overrides(load_yaml(path / "config.yaml"), overrides))
         trainer = Trainer(cfg)
         trainer.load_weights(path)

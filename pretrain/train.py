@@ -31,7 +31,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from zarvan_dist.config import ConfigError, load_yaml, to_dict
-from zarvan_dist.data import DatasetError, LaneLayout, Manifest
+from zarvan_dist.data import DatasetError, LaneLayout, Manifest, NeighbourManifest, NeighbourReader
 from zarvan_dist.data.loader import LaneBatch, LaneLoader
 from zarvan_dist.models import ModelConfig, RecurrentState, build_model
 from zarvan_dist.training.checkpoint import (
@@ -108,6 +108,35 @@ def resolve_model_config(cfg: RunConfig, manifest: Manifest) -> ModelConfig:
         raise ConfigError(f"model (with the dataset's vocab_size {manifest.vocab_size}): {exc}") from None
 
 
+def check_neighbours(cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest) -> None:
+    """Refuse a neighbour sidecar (``data.neighbours``) that the model or the dataset cannot use."""
+    url = cfg.data.neighbours
+    if url is None:
+        return
+    if model_cfg.arch != "nonattn" or not model_cfg.retrieval:
+        what = f"arch {model_cfg.arch}" if model_cfg.arch != "nonattn" else "retrieval: false"
+        raise ConfigError(f"data.neighbours: {url} is set, but the model ({what}) reads no neighbours; "
+                          f"retrieval needs model.arch: nonattn with model.retrieval: true (or unset data.neighbours)")
+    try:
+        sidecar = NeighbourManifest.load(url)
+    except ConfigError as exc:
+        raise ConfigError(f"data.neighbours: {exc}") from None
+    if sidecar.seq_len != manifest.seq_len:
+        raise ConfigError(f"data.neighbours: the sidecar {url} has seq_len {sidecar.seq_len}, the dataset "
+                          f"{cfg.data.dir} (data.dir) {manifest.seq_len}; write its neighbours with "
+                          f"`python -m data_prep retrieval neighbours`")
+    for name, got, key, want in (("chunk_len", sidecar.chunk_len, "supervisor_chunk", model_cfg.supervisor_chunk),
+                                 ("neighbour_len", sidecar.neighbour_len, "retrieval_len", model_cfg.retrieval_len)):
+        if got != want:
+            raise ConfigError(f"model.{key}: {want}, but the sidecar {url} (data.neighbours) has {name} {got}; "
+                              f"they must be equal (set model.{key}: {got}, or write neighbours with "
+                              f"{name} {want})")
+    try:
+        NeighbourReader(url, dataset=cfg.data.dir)
+    except ConfigError as exc:
+        raise ConfigError(f"data.neighbours: {exc}") from None
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     """AdamW; matrices decay, biases, norms and embedding tables do not."""
     no_decay = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -165,6 +194,11 @@ class Trainer:
         self.comm = Collective(self.env, self.device)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.model_cfg = resolve_model_config(cfg, self.manifest)
+        check_neighbours(cfg, self.model_cfg, self.manifest)
+        if self.model_cfg.arch == "nonattn" and self.model_cfg.retrieval and cfg.data.neighbours is None \
+                and self.env.main:
+            print("note: model.retrieval is true but data.neighbours is unset: the model trains without "
+                  "retrieved text (it fuses nothing)", file=sys.stderr)
         self.seq_len = self.manifest.seq_len
         train_windows = self.manifest.split("train").windows
         try:
@@ -222,17 +256,19 @@ class Trainer:
         """The train lanes from the current micro-step on."""
         d = self.cfg.data
         return iter(LaneLoader(d.dir, "train", self.layout, rows=self.rows, start=self.counters.micro_step,
-                               workers=d.workers, prefetch=d.prefetch))
+                               workers=d.workers, prefetch=d.prefetch, neighbours=d.neighbours))
 
     # ---- one step
     def forward_window(self, batch: LaneBatch, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """Loss of one micro-step and the rows' state after it (state reset where the lane restarts)."""
         inputs = batch.inputs.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
+        # only with a sidecar: the forward of a model without retrieval takes three arguments
+        extra = () if batch.neighbours is None else (batch.neighbours.to(self.device, non_blocking=True),)
         fresh = self.model.init_state(inputs.shape[0], self.device)
         state = reset_rows(state, batch.reset, fresh) if self.cfg.train.carry_state else fresh
         with self.autocast():
-            out = self.engine.forward(inputs, state, inputs == self.manifest.bos_id)
+            out = self.engine.forward(inputs, state, inputs == self.manifest.bos_id, *extra)
         # contiguous: the same strides as init_state's, so a compiled block is not compiled twice
         carried = RecurrentState({k: v.detach().contiguous() for k, v in out.state.items()})
         return next_token_loss(out.logits, targets), carried
@@ -288,7 +324,8 @@ class Trainer:
         self.engine.train(False)
         state = self.model.init_state(len(mine), self.device)
         total, count = 0.0, 0
-        for batch in islice(LaneLoader(self.cfg.data.dir, split, layout, rows=mine), steps):
+        loader = LaneLoader(self.cfg.data.dir, split, layout, rows=mine, neighbours=self.cfg.data.neighbours)
+        for batch in islice(loader, steps):
             loss, state = self.forward_window(batch, state)
             total += float(loss) * batch.targets.numel()
             count += batch.targets.numel()

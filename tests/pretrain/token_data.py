@@ -1,5 +1,6 @@
 """Synthetic token datasets for the trainer tests: shards and manifest written straight from token
-streams (no tokenizer), in the exact layout ``data_prep shards`` writes. Imported, not a test."""
+streams (no tokenizer), in the exact layout ``data_prep shards`` writes, and neighbour sidecars of
+random ids in the layout ``data_prep retrieval neighbours`` writes. Imported, not a test."""
 
 from __future__ import annotations
 
@@ -9,6 +10,17 @@ from pathlib import Path
 import numpy as np
 
 from zarvan_dist.data.manifest import Manifest, ShardEntry, SplitEntry, Splits, TokenizerEntry, dtype_for_vocab
+from zarvan_dist.data.neighbours import (
+    FORMAT,
+    FORMAT_VERSION,
+    NeighbourManifest,
+    NeighbourShard,
+    NeighbourSplit,
+    NeighbourSplits,
+    manifest_sha256,
+    pack_neighbour_shard,
+)
+from zarvan_dist.data.neighbours import sample_bytes as neighbour_sample_bytes
 from zarvan_dist.data.shards import pack_shard, sample_bytes
 
 BOS = 1
@@ -59,3 +71,36 @@ def random_documents(rng: np.random.Generator, count: int, vocab: int, min_len: 
         length = int(rng.integers(min_len, max_len + 1))
         parts.append(np.concatenate([[BOS], rng.integers(4, vocab, length - 1)]))
     return np.concatenate(parts)
+
+
+def write_neighbour_sidecar(root: str | Path, dataset: str | Path, chunk_len: int, k: int, neighbour_len: int,
+                            seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Write a neighbour sidecar of ``dataset`` under ``root``: random ids in [-1, vocab) (-1: padding),
+    distances increasing along K. Returns split -> (ids [N, n, K, L] int32, distances [N, n, K] float32)."""
+    root = Path(root)
+    tokens = Manifest.load(str(dataset))
+    rng = np.random.default_rng(seed)
+    n = -(-tokens.seq_len // chunk_len)
+    per_shard = tokens.windows_per_shard
+    written, splits = {}, {}
+    for name in ("train", "val"):
+        windows = tokens.split(name).windows
+        ids = rng.integers(-1, tokens.vocab_size, (windows, n, k, neighbour_len)).astype(np.int32)
+        distances = np.sort(rng.random((windows, n, k)), axis=-1).astype(np.float32)
+        (root / name).mkdir(parents=True, exist_ok=True)
+        shards = []
+        for j, first in enumerate(range(0, windows, per_shard)):
+            data = pack_neighbour_shard(ids[first:first + per_shard], distances[first:first + per_shard], first)
+            rel = f"{name}/shard-{j:06d}.tar"
+            (root / rel).write_bytes(data)
+            shards.append(NeighbourShard(rel, len(ids[first:first + per_shard]), len(data),
+                                         hashlib.sha256(data).hexdigest()))
+        splits[name] = NeighbourSplit(windows, shards)
+        written[name] = ids, distances
+    manifest = NeighbourManifest(
+        format=FORMAT, version=FORMAT_VERSION, dataset_manifest_sha256=manifest_sha256(str(dataset)),
+        seq_len=tokens.seq_len, chunk_len=chunk_len, chunks_per_window=n, k=k, neighbour_len=neighbour_len,
+        corpus_chunk_len=neighbour_len // 2, windows_per_shard=per_shard,
+        sample_bytes=neighbour_sample_bytes(n, k, neighbour_len), splits=NeighbourSplits(**splits))
+    (root / "neighbours.json").write_text(manifest.to_json())
+    return written

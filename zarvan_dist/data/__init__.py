@@ -1,4 +1,5 @@
-"""Token-shard datasets: the manifest, the shard layout, and a reader that maps windows to shards."""
+"""Token-shard datasets: the manifest, the shard layout, a reader that maps windows to shards, and the
+neighbour sidecar (retrieved text per window chunk) with its reader."""
 
 from zarvan_dist.data.lanes import LaneLayout
 from zarvan_dist.data.manifest import (
@@ -10,6 +11,7 @@ from zarvan_dist.data.manifest import (
     TokenizerEntry,
     dtype_for_vocab,
 )
+from zarvan_dist.data.neighbours import NeighbourManifest, NeighbourReader
 from zarvan_dist.data.reader import WindowReader
 from zarvan_dist.data.shards import DatasetError
 
@@ -18,6 +20,8 @@ __all__ = [
     "DatasetError",
     "LaneLayout",
     "Manifest",
+    "NeighbourManifest",
+    "NeighbourReader",
     "ShardEntry",
     "SplitEntry",
     "Splits",

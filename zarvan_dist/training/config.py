@@ -29,6 +29,10 @@ class DataConfig:
     """Micro-steps each worker reads ahead."""
     rotation_seed: int | None = 0
     """Seed of the per-epoch lane offset (so no window is skipped every epoch); null: no rotation."""
+    neighbours: str | None = None
+    """fsspec URL of the neighbour sidecar of ``dir`` (retrieval; written by ``python -m data_prep retrieval
+    neighbours``, by default to DIR/retrieval/neighbours): each window is fed the retrieved text of its
+    chunks. Needs model arch nonattn with retrieval: true; null: no retrieved text."""
 
     def __post_init__(self) -> None:
         _positive(self, "rows", "prefetch")
