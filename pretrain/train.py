@@ -374,6 +374,10 @@ class Trainer:
             if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
+        if saved.data.neighbours != self.cfg.data.neighbours and self.env.main:
+            # a moved sidecar (another URL, same files) is fine; another one changes what the model reads
+            print(f"note: the checkpoint {path} was trained with data.neighbours {saved.data.neighbours}, "
+                  f"this run reads {self.cfg.data.neighbours}", file=sys.stderr)
         engine = counters.get("engine", "single")
         if FORMATS[engine] != self.engine.format:
             raise ConfigError(f"engine: the checkpoint {path} was written by engine {engine}, whose files "
