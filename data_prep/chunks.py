@@ -28,16 +28,15 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.embedding import make_embedder
-from data_prep.storage import filesystem, put_atomic
+from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, load_journal, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, to_dict
-from zarvan_dist.data.manifest import SPLITS, Manifest, dataset_root
+from zarvan_dist.data.manifest import SPLITS, dataset_root
 from zarvan_dist.data.neighbours import manifest_sha256
 from zarvan_dist.data.reader import WindowReader
 
 EMBED_FORMAT = "zarvan-chunk-embeddings"
 EMBED_VERSION = 1
 EMBED_MANIFEST = "embeddings.json"
-PROGRESS_NAME = "progress.json"
 # Test hook: seconds to sleep after each completed shard, so a test can kill the job mid-run.
 DELAY_ENV = "ZARVAN_DATA_PREP_SHARD_DELAY"
 _WINDOWS_PER_READ = 256
@@ -313,9 +312,9 @@ def embed_corpus(cfg: EmbedConfig, progress: bool = True) -> dict[str, Any]:
     }))
     fs, root = filesystem(cfg.out)
     root = root.rstrip("/")
-    state = _load_progress(fs, root, cfg.out, job, cfg.overwrite, EMBED_MANIFEST)
+    state = load_journal(fs, root, cfg.out, job, cfg.overwrite, EMBED_MANIFEST, {"shards": [], "next": []})
     shards = [from_dict(EmbeddingShard, s) for s in state["shards"]]
-    kept = _intact_prefix(fs, root, shards)
+    kept = intact_prefix(fs, root, shards)
     shards = shards[:kept]
     nexts = (state["next"] or [{"pos": 0, "doc": -1, "doc_start": 0}])[:kept + 1]  # nexts[i]: where shard i starts
     resume = nexts[kept]
@@ -377,33 +376,7 @@ def embed_corpus(cfg: EmbedConfig, progress: bool = True) -> dict[str, Any]:
             "seconds": seconds, "chunks_per_s": embedded / max(seconds, 1e-9), "dim": embedder.dim}
 
 
-def _load_progress(fs, root: str, url: str, job: dict, overwrite: bool, manifest_name: str) -> dict:
-    """The journal of an earlier run of ``job`` in ``root``, or an empty one; another job's output
-    is refused (or removed with ``overwrite``)."""
-    path = f"{root}/{PROGRESS_NAME}"
-    if fs.exists(path):
-        state = json.loads(fs.cat_file(path))
-        if state.get("job") == job:
-            return state
-        if not overwrite:
-            raise DataPrepError(f"{url} holds output of another configuration ({PROGRESS_NAME} differs); "
-                                f"pass --overwrite to replace it, or choose another --out")
-    elif fs.exists(f"{root}/{manifest_name}") and not overwrite:
-        raise DataPrepError(f"{url} holds a finished {manifest_name} without a journal; pass --overwrite to replace it")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    return {"job": job, "shards": [], "next": []}
-
-
 def _save_progress(fs, root: str, job: dict, shards: list, nexts: list) -> None:
     state = {"job": job, "shards": [to_dict(s) for s in shards], "next": nexts}
     put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
 
-
-def _intact_prefix(fs, root: str, shards: list) -> int:
-    """How many of the recorded shards, from the first, are present with their recorded sha256."""
-    for i, shard in enumerate(shards):
-        path = f"{root}/{shard.path}"
-        if not fs.exists(path) or hashlib.sha256(fs.cat_file(path)).hexdigest() != shard.sha256:
-            return i
-    return len(shards)

@@ -29,15 +29,14 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from data_prep.chunks import EMBED_MANIFEST, EmbeddingsManifest, _intact_prefix, read_embedding_shard
-from data_prep.storage import filesystem, put_atomic
+from data_prep.chunks import EMBED_MANIFEST, EmbeddingsManifest, read_embedding_shard
+from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, load_yaml, to_dict
 
 INDEX_NAME = "index.faiss"
 INDEX_MANIFEST = "index.json"
 INDEX_FORMAT = "zarvan-faiss-index"
 TRAINED_NAME = "trained.faiss"
-PROGRESS_NAME = "progress.json"
 RECALL_AT = 10
 
 
@@ -273,7 +272,7 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
 
     t = time.perf_counter()
     parts = [dict(p) for p in state["parts"]]
-    kept = _intact_prefix(fs, root, [_Part(p["path"], p["sha256"]) for p in parts])
+    kept = intact_prefix(fs, root, [_Part(p["path"], p["sha256"]) for p in parts])
     parts = parts[:kept]
     for k, shard in enumerate(tqdm(manifest.shards, desc="add", unit="shard", disable=not progress)):
         if k < kept:

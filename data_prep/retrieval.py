@@ -29,14 +29,13 @@ from data_prep import DataPrepError
 from data_prep.chunks import (
     DELAY_ENV,
     EmbeddingsManifest,
-    _intact_prefix,
     document_keys,
     read_embedding_shard,
     retrieval_root,
 )
 from data_prep.embedding import make_embedder
 from data_prep.faiss_index import load_index, resolve_device, set_nprobe, to_device
-from data_prep.storage import filesystem, put_atomic
+from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, load_journal, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS
 from zarvan_dist.data.neighbours import (
@@ -53,7 +52,6 @@ from zarvan_dist.data.neighbours import (
 )
 from zarvan_dist.data.reader import WindowReader
 
-PROGRESS_NAME = "progress.json"
 _FIRST_WIDTH = 16  # extra results asked for at first, to make up for dropped same-document chunks
 
 
@@ -193,7 +191,8 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
     }))
     fs, root = filesystem(cfg.out)
     root = root.rstrip("/")
-    state = _journal(fs, root, cfg.out, job, cfg.overwrite)
+    state = load_journal(fs, root, cfg.out, job, cfg.overwrite, MANIFEST_NAME,
+                         {"splits": {s: [] for s in SPLITS}, "bos": {s: [0] for s in SPLITS}})
     corpus = Corpus(emb_root, emb, progress)
     n_chunks = -(-man.seq_len // cfg.chunk_len)
     stride = sample_bytes(n_chunks, cfg.k, 2 * emb.chunk_len)
@@ -203,7 +202,7 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
     for split in SPLITS:
         entry = man.split(split)
         done = [from_dict(NeighbourShard, s) for s in state["splits"][split]]
-        kept = _intact_prefix(fs, root, done)
+        kept = intact_prefix(fs, root, done)
         done, bos = done[:kept], state["bos"][split][:kept + 1] or [0]
         keys = document_keys(reader, split) if entry.windows else np.zeros(0, np.int64)
         bar = tqdm(total=entry.windows, initial=sum(s.windows for s in done), unit="win",
@@ -265,20 +264,3 @@ def _shard_neighbours(inputs: np.ndarray, bos_before: int, keys: np.ndarray, bos
     dist = np.where(ids >= 0, np.maximum(2.0 - 2.0 * sims, 0.0), np.inf).astype(np.float32)
     tokens = corpus.neighbour_tokens(ids).reshape(w, n, cfg.k, 2 * corpus.m)
     return tokens, dist.reshape(w, n, cfg.k), int(is_bos.sum())
-
-
-def _journal(fs, root: str, url: str, job: dict, overwrite: bool) -> dict:
-    fresh = {"job": job, "splits": {s: [] for s in SPLITS}, "bos": {s: [0] for s in SPLITS}}
-    path = f"{root}/{PROGRESS_NAME}"
-    if fs.exists(path):
-        state = json.loads(fs.cat_file(path))
-        if state.get("job") == job:
-            return state
-        if not overwrite:
-            raise DataPrepError(f"{url} holds neighbours of another configuration ({PROGRESS_NAME} differs): "
-                                f"pass --overwrite to replace them, or choose another --out")
-    elif fs.exists(f"{root}/{MANIFEST_NAME}") and not overwrite:
-        raise DataPrepError(f"{url} holds a {MANIFEST_NAME} without a journal; pass --overwrite to replace it")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    return fresh

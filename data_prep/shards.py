@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, CorpusStats, Document, read_corpus, seeded_permutation
-from data_prep.storage import filesystem, put_atomic
+from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic
 from data_prep.tokenizer import encode_documents, load_tokenizer
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import (
@@ -50,7 +50,6 @@ from zarvan_dist.data.manifest import (
 )
 from zarvan_dist.data.shards import pack_shard, sample_bytes
 
-PROGRESS_NAME = "progress.json"
 TOKENIZER_NAME = "tokenizer.model"
 # Default shard size: about 2**25 tokens (64 MiB at uint16).
 SHARD_TOKENS = 1 << 25

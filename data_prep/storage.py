@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from typing import Any
+
 import fsspec
 
 from data_prep import DataPrepError
@@ -27,3 +31,39 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path + ".tmp", data)
     fs.mv(path + ".tmp", path)
+
+
+PROGRESS_NAME = "progress.json"
+"""A resumable job's journal in its output directory: its configuration and what is done."""
+
+
+def load_journal(fs: fsspec.AbstractFileSystem, root: str, url: str, job: dict[str, Any], overwrite: bool,
+                 manifest_name: str, fresh: dict[str, Any]) -> dict[str, Any]:
+    """The journal of an earlier run of ``job`` in ``root``, or ``{"job": job, **fresh}``.
+
+    Output of another configuration (another journal, or a finished ``manifest_name`` without one)
+    is refused, naming ``url``, unless ``overwrite``, which removes it.
+    """
+    path = f"{root}/{PROGRESS_NAME}"
+    if fs.exists(path):
+        state = json.loads(fs.cat_file(path))
+        if state.get("job") == job:
+            return state
+        if not overwrite:
+            raise DataPrepError(f"{url} holds output of another configuration ({PROGRESS_NAME} differs); "
+                                f"pass --overwrite to replace it, or choose another --out")
+    elif fs.exists(f"{root}/{manifest_name}") and not overwrite:
+        raise DataPrepError(f"{url} holds a finished {manifest_name} without a journal; pass --overwrite to replace it")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+    return {"job": job, **fresh}
+
+
+def intact_prefix(fs: fsspec.AbstractFileSystem, root: str, files: list[Any]) -> int:
+    """How many of the recorded ``files`` (each with ``path`` relative to ``root`` and ``sha256``), from the
+    first, are present with their recorded sha256."""
+    for i, f in enumerate(files):
+        path = f"{root}/{f.path}"
+        if not fs.exists(path) or hashlib.sha256(fs.cat_file(path)).hexdigest() != f.sha256:
+            return i
+    return len(files)

@@ -27,7 +27,6 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_model
 from torch import nn
 
 from zarvan_dist.config import ConfigError, load_yaml, to_dict

@@ -25,6 +25,16 @@ def tiny_config():
     return make_tiny_config
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one intra-op thread: with tiny tensors more threads add only synchronisation, which
+    on a busy machine costs far more than the work (minutes instead of seconds for a training loop)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

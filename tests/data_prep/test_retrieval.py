@@ -320,3 +320,22 @@ def test_cli_help_and_clear_errors(built, tmp_path):
     with pytest.raises(DataPrepError, match="--overwrite"):
         find_neighbours(NeighboursConfig(dataset=str(built["data"]), chunk_len=C, k=K + 1), progress=False)
     assert (built["retrieval"] / "neighbours" / "neighbours.json").exists()
+
+
+def test_index_job_resumes_from_its_trained_index_and_parts(built, tmp_path):
+    """Acceptance 3 for the index job: a run cut short (no merged index, its last part lost) is finished by
+    the next run from the saved trained index and intact parts, and ends with the same index."""
+    _copy_embeddings(built, tmp_path)
+    first = build_index(str(tmp_path), IndexConfig(), progress=False)
+    index_dir = tmp_path / "index"
+    parts = sorted((index_dir / "parts").iterdir())
+    assert len(parts) == len(EmbeddingsManifest.load(str(tmp_path / "embeddings")).shards) > 1
+    trained_mtime = (index_dir / "trained.faiss").stat().st_mtime_ns
+    kept_mtime = parts[0].stat().st_mtime_ns
+    for f in (index_dir / "index.faiss", index_dir / "index.json", parts[-1]):
+        f.unlink()
+    again = build_index(str(tmp_path), IndexConfig(), progress=False)
+    assert again.index_sha256 == first.index_sha256 == built["index"].index_sha256
+    assert (index_dir / "trained.faiss").stat().st_mtime_ns == trained_mtime  # not trained again
+    assert parts[0].stat().st_mtime_ns == kept_mtime  # intact parts kept
+    assert parts[-1].exists()

@@ -228,15 +228,6 @@ def test_no_neighbours_is_the_model_without_retrieval():
     assert torch.equal(with_retrieval(ids, doc_start=doc_start, neighbours=padding).logits, want)
 
 
-def test_gradients_reach_the_fusion():
-    model = make_model(retrieval=True)
-    ids, doc_start = random_batch(2, 16, seed=11, reset_prob=0.0)
-    logits = model(ids, doc_start=doc_start, neighbours=random_neighbours(2, 16, seed=12)).logits
-    F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
-    for p in (model.supervisor.fuse.weight, model.supervisor.fuse.bias, model.supervisor.gate):
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-
-
 def test_rejects_bad_neighbours():
     ids = torch.zeros(2, 9, dtype=torch.long)
     with pytest.raises(ValueError, match="without retrieval"):
@@ -266,16 +257,6 @@ def test_param_and_flop_count(retrieval, tie):
     # 6 FLOPs per matmul parameter per token; the supervisor runs once per chunk of C tokens
     want = 6 * (layers * per_layer + 2 * e + head + supervisor / C)
     assert model.flops_per_token(256) == pytest.approx(want)
-
-
-@pytest.fixture
-def one_thread():
-    # the tensors are tiny: intra-op threads only add synchronisation, which on a busy machine
-    # costs far more than the work (minutes instead of seconds for the training loop)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_learns_a_periodic_sequence(one_thread):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -98,15 +97,6 @@ def topic_targets() -> torch.Tensor:
     """
     target_pos = torch.arange(1, CHUNKS * C)
     return (target_pos % C == TOPIC) & (target_pos >= C)
-
-
-@pytest.fixture
-def one_thread():
-    # tiny tensors: intra-op threads add only synchronisation, which costs more than the work on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def topic_losses(seed: int, steps: int = 200) -> tuple[float, float, float]:

@@ -199,14 +199,19 @@ class Manifest:
     def load(cls, url: str) -> Manifest:
         """Read the manifest of the dataset at ``url`` (its directory or its manifest.json)."""
         path = manifest_url(url)
-        try:
-            with fsspec.open(path, "rt", encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no manifest (is this a dataset written by data_prep shards?)") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the manifest: {exc}") from None
-        return cls.from_json(text, path)
+        return cls.from_json(read_text(path, "no manifest (is this a dataset written by data_prep shards?)"), path)
+
+
+def read_text(path: str, missing: str) -> str:
+    """The text of the JSON file at fsspec URL ``path``; a ConfigError naming it, with ``missing`` as the
+    explanation when there is no such file."""
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {missing}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
 
 
 def manifest_url(url: str) -> str:

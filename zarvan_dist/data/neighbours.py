@@ -33,7 +33,7 @@ import numpy as np
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.config import ConfigError, from_dict, to_dict
-from zarvan_dist.data.manifest import SPLITS, Manifest, dataset_root, manifest_url
+from zarvan_dist.data.manifest import SPLITS, Manifest, dataset_root, manifest_url, read_text
 from zarvan_dist.data.shards import DatasetError, sample_key
 
 FORMAT = "zarvan-neighbour-shards"
@@ -135,16 +135,11 @@ class NeighbourManifest:
     def load(cls, url: str) -> NeighbourManifest:
         """Read the manifest of the sidecar directory at ``url`` (or of its ``neighbours.json``)."""
         path = url if url.rstrip("/").endswith(".json") else f"{url.rstrip('/')}/{MANIFEST_NAME}"
+        text = read_text(path, "no neighbour manifest (run `python -m data_prep retrieval neighbours` first)")
         try:
-            with fsspec.open(path, "rt", encoding="utf-8") as f:
-                data = json.loads(f.read())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no neighbour manifest (run `python -m data_prep retrieval "
-                              f"neighbours` first)") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read the neighbour manifest: {exc}") from None
-        try:
-            return from_dict(cls, data)
+            return from_dict(cls, json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON: {exc}") from None
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
