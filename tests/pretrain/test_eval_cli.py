@@ -45,3 +45,22 @@ def test_any_split_and_checkpoint(trained_run, capsys):
 def test_a_path_that_is_no_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path)]) == 1
     assert f"error: {tmp_path}: not a checkpoint directory" in capsys.readouterr().err
+
+
+def test_bands_and_unknown_positions_account_for_every_target(trained_run, capsys):
+    assert main(["--checkpoint", str(trained_run), "--bands", "16,64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    bands, unknown = result["bands"], result["unknown_position"]
+    assert result["carry"] is True
+    assert [(b["from"], b["to"]) for b in bands] == [(0, 16), (16, 64), (64, None)]
+    assert sum(b["tokens"] for b in bands) + unknown["tokens"] == result["tokens"]
+    assert sum(b["loss"] * b["tokens"] for b in bands) + unknown["loss"] * unknown["tokens"] == \
+        pytest.approx(result["loss"] * result["tokens"], rel=1e-9)
+
+
+def test_text_with_a_file_that_is_no_tokenizer_is_a_clear_error(trained_run, tmp_path, capsys):
+    text = tmp_path / "doc.txt"
+    text.write_text("some text\n")
+    assert main(["--checkpoint", str(trained_run), "--text", str(text)]) == 1  # the synthetic dataset's tokenizer
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "tokenizer.model: not a sentencepiece model" in err
