@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from data_prep.chunks import EMBED_MANIFEST, EmbeddingsManifest, read_embedding_shard
+from data_prep.chunks import DELAY_ENV, EMBED_MANIFEST, EmbeddingsManifest, read_embedding_shard
 from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, load_yaml, to_dict
 
@@ -108,17 +109,90 @@ def resolve_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and gpus > 0) else "cpu"
 
 
+GPU_MAX_K = 2048
+"""faiss-gpu's largest k and nprobe of one search (GPU_MAX_SELECTION_K): larger ones go to the CPU form."""
+GPU_SHARED_BYTES = 48 * 1024
+"""Shared memory of a block that faiss-gpu lets an IVFPQ search's float32 lookup tables take."""
+
+
 def to_device(index, device: str):
-    """The index itself on CPU; a GPU copy over every visible GPU for ``cuda``."""
+    """The index itself on CPU; a GPU copy over every visible GPU for ``cuda``.
+
+    The copy is made with ``nprobe`` at most ``GPU_MAX_K`` (faiss-gpu refuses to copy more), and with
+    float16 lookup tables for an IVFPQ index whose float32 tables (``pq_m`` x 2^bits x 4 bytes) exceed
+    ``GPU_SHARED_BYTES``.
+    """
     if device == "cpu":
         return index
-    return import_faiss().index_cpu_to_all_gpus(index)
+    faiss = import_faiss()
+    options = faiss.GpuMultipleClonerOptions()
+    pq = getattr(index, "pq", None)
+    options.useFloat16 = pq is not None and pq.M * pq.ksub * 4 > GPU_SHARED_BYTES
+    saved = getattr(index, "nprobe", None)
+    if saved is not None:
+        index.nprobe = min(saved, GPU_MAX_K)
+    try:
+        return faiss.index_cpu_to_all_gpus(index, co=options)
+    finally:
+        if saved is not None:
+            index.nprobe = saved
 
 
-def set_nprobe(index, nprobe: int | None) -> None:
-    """Lists searched per query (no-op for a flat index)."""
-    if nprobe is not None and hasattr(index, "nprobe"):
-        index.nprobe = nprobe
+def is_ivf(index) -> bool:
+    """Whether ``index`` (or every replica inside it) is an IVF index, which has ``nprobe``."""
+    faiss = import_faiss()
+    if isinstance(index, faiss.IndexReplicas):
+        return index.count() > 0 and all(is_ivf(faiss.downcast_index(index.at(i))) for i in range(index.count()))
+    return hasattr(index, "nprobe")
+
+
+def set_nprobe(index, nprobe: int | None, space=None) -> None:
+    """Lists searched per query (no-op for a flat index), set through FAISS's ``ParameterSpace``
+    (``space``: a ``GpuParameterSpace`` for GPU copies), which reaches the IVF index inside replicas too."""
+    if nprobe is not None and is_ivf(index):
+        (space or import_faiss().ParameterSpace()).set_index_parameter(index, "nprobe", int(nprobe))
+
+
+class Searcher:
+    """A built index (its CPU form) searched on the CPU, or on every visible GPU for ``cuda``.
+
+    Both devices answer every search: one that faiss-gpu cannot run (k or nprobe above ``max_k``)
+    goes to the CPU form, which holds the same vectors and the same ``nprobe``. ``device_index``
+    replaces the GPU copy (tests stand a CPU ``IndexReplicas`` in for the GPUs).
+    """
+
+    def __init__(self, index, device: str = "cpu", device_index=None, max_k: int = GPU_MAX_K) -> None:
+        self.index = index
+        self.nlist = getattr(index, "nlist", 1)
+        self.nprobe = getattr(index, "nprobe", 1)
+        self.max_k = max_k
+        if device_index is None and device != "cpu":
+            device_index = to_device(index, device)
+        self.device_index = device_index
+        self._space = None
+        if device_index is not None:
+            faiss = import_faiss()
+            # GpuParameterSpace exists in faiss-gpu builds only (tests stand CPU replicas in for GPUs)
+            self._space = getattr(faiss, "GpuParameterSpace", faiss.ParameterSpace)()
+            self.set_nprobe(self.nprobe)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def set_nprobe(self, nprobe: int | None) -> None:
+        """Lists searched per query from now on (a flat index has none)."""
+        if nprobe is None or not is_ivf(self.index):
+            return
+        self.nprobe = int(nprobe)
+        set_nprobe(self.index, self.nprobe)
+        if self.device_index is not None:
+            set_nprobe(self.device_index, min(self.nprobe, self.max_k), self._space)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [Q, k] float32, ids [Q, k] int64, -1 where fewer were found), best first."""
+        on_device = self.device_index is not None and k <= self.max_k and self.nprobe <= self.max_k
+        return (self.device_index if on_device else self.index).search(queries, k)
 
 
 def serialize(index) -> bytes:
@@ -258,12 +332,12 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
             x = sample_rows(emb_root, manifest, rows)
             if progress:
                 print(f"training {cfg.kind} (nlist {nlist}) on {len(x):,} of {n:,} embeddings on {device}")
-            if device == "cuda":
-                gpu = to_device(index, device)
-                gpu.train(x)
-                index = faiss.index_gpu_to_cpu(gpu)
-            else:
-                index.train(x)
+            # k-means runs on the CPU index object (its seeded initialisation) with the assignment
+            # step on the device's flat index, so CPU and GPU train the same coarse quantizer
+            assign = to_device(faiss.IndexFlatIP(dim), device)  # referenced here: FAISS does not own it
+            index.clustering_index = assign
+            index.train(x)
+            index.clustering_index = None
         trained_bytes = serialize(index)
         put_atomic(fs, f"{root}/{TRAINED_NAME}", trained_bytes)
         state = {"job": job, "trained_sha256": hashlib.sha256(trained_bytes).hexdigest(), "parts": []}
@@ -271,6 +345,7 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    delay = float(os.environ.get(DELAY_ENV, "0"))  # tests: time to kill the job between parts
     parts = [dict(p) for p in state["parts"]]
     kept = intact_prefix(fs, root, [_Part(p["path"], p["sha256"]) for p in parts])
     parts = parts[:kept]
@@ -291,6 +366,8 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
         parts.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "ntotal": int(part.ntotal)})
         state["parts"] = parts
         _save(fs, root, state)
+        if delay:
+            time.sleep(delay)
     seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -310,12 +387,12 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
     qrows = np.sort(np.random.default_rng([cfg.seed, 1]).choice(n, nq, replace=False))
     queries = sample_rows(emb_root, manifest, qrows)
     exact_s, exact_i = exact_top(emb_root, manifest, queries, qrows, 4 * RECALL_AT)
-    searcher = to_device(index, device)
+    searcher = Searcher(index, device)
     nprobe, recall = cfg.nprobe, None
     candidates = [cfg.nprobe] if cfg.nprobe or cfg.kind == "flat" else \
         sorted({min(2 ** e, nlist) for e in range(math.ceil(math.log2(nlist)) + 1)})
     for nprobe in candidates:
-        set_nprobe(searcher, nprobe)
+        searcher.set_nprobe(nprobe)
         _, found = searcher.search(queries, RECALL_AT + 1)
         found = np.stack([[i for i in row if i != q][:RECALL_AT] for row, q in zip(found, qrows)])
         recall = recall_at(found, exact_s, exact_i)

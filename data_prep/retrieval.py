@@ -34,7 +34,7 @@ from data_prep.chunks import (
     retrieval_root,
 )
 from data_prep.embedding import make_embedder
-from data_prep.faiss_index import load_index, resolve_device, set_nprobe, to_device
+from data_prep.faiss_index import Searcher, load_index, resolve_device
 from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, load_journal, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS
@@ -126,8 +126,8 @@ def window_chunks(inputs: np.ndarray, chunk_len: int) -> np.ndarray:
     return padded.reshape(w, n, chunk_len)
 
 
-def search_excluding(searcher, queries: np.ndarray, excluded: np.ndarray, keys: np.ndarray, k: int,
-                     ntotal: int) -> tuple[np.ndarray, np.ndarray]:
+def search_excluding(searcher: Searcher, queries: np.ndarray, excluded: np.ndarray, keys: np.ndarray,
+                     k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best corpus chunks of each query whose document key is not in its ``excluded`` row.
 
     queries [Q, d] float32; excluded [Q, E] int64 document keys. Returns (ids [Q, k] int64, -1 where
@@ -140,9 +140,9 @@ def search_excluding(searcher, queries: np.ndarray, excluded: np.ndarray, keys: 
     ids = np.full((nq, k), -1, dtype=np.int64)
     sims = np.full((nq, k), -np.inf, dtype=np.float32)
     todo = np.arange(nq)
+    ntotal, nlist = searcher.ntotal, searcher.nlist
     width = min(k + _FIRST_WIDTH, ntotal)
-    nlist = getattr(searcher, "nlist", 1)
-    nprobe = base = getattr(searcher, "nprobe", 1)
+    nprobe = base = searcher.nprobe
     try:
         while len(todo):
             sim, found = searcher.search(queries[todo], width)
@@ -157,14 +157,14 @@ def search_excluding(searcher, queries: np.ndarray, excluded: np.ndarray, keys: 
             exhausted = bool((found[short] < 0).any())
             if exhausted and nprobe < nlist:
                 nprobe = min(nprobe * 4, nlist)
-                set_nprobe(searcher, nprobe)
+                searcher.set_nprobe(nprobe)
             elif width < ntotal:
                 width = min(width * 4, ntotal)
             else:
                 break
             todo = todo[short]
     finally:
-        set_nprobe(searcher, base)
+        searcher.set_nprobe(base)
     return ids, sims
 
 
@@ -180,9 +180,9 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
         raise DataPrepError(f"{cfg.retrieval}/index: built for {summary['ntotal']} x {summary['dim']} embeddings, "
                             f"{emb_root} holds {emb.chunks} x {emb.dim}: run the index job again")
     device = resolve_device(cfg.device)
-    searcher = to_device(index, device)
+    searcher = Searcher(index, device)
     nprobe = cfg.nprobe or summary["nprobe"]
-    set_nprobe(searcher, nprobe)
+    searcher.set_nprobe(nprobe)
     embedder = make_embedder(emb.embedder, device=cfg.device)
     job = json.loads(json.dumps({
         "dataset_manifest_sha256": manifest_sha256(cfg.dataset), "index_sha256": summary["index_sha256"],
@@ -214,7 +214,7 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
             windows = np.stack([next(stream) for _ in range(count)]).astype(np.int64)
             stream.close()
             ids, dist, bos_count = _shard_neighbours(windows[:, :-1], bos[s], keys, man.bos_id, cfg, embedder,
-                                                     searcher, corpus, emb.chunks)
+                                                     searcher, corpus)
             data = pack_neighbour_shard(ids, dist, first)
             rel = f"{split}/shard-{s:06d}.tar"
             put_atomic(fs, f"{root}/{rel}", data)
@@ -240,7 +240,7 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
 
 
 def _shard_neighbours(inputs: np.ndarray, bos_before: int, keys: np.ndarray, bos_id: int, cfg: NeighboursConfig,
-                      embedder, searcher, corpus: Corpus, ntotal: int) -> tuple[np.ndarray, np.ndarray, int]:
+                      embedder, searcher: Searcher, corpus: Corpus) -> tuple[np.ndarray, np.ndarray, int]:
     """Neighbours of the windows ``inputs`` [w, T] of one shard, whose first token follows ``bos_before`` BOS.
 
     Returns ids int32 [w, n, K, 2m], distances float32 [w, n, K] and the BOS count of the inputs.
@@ -260,7 +260,7 @@ def _shard_neighbours(inputs: np.ndarray, bos_before: int, keys: np.ndarray, bos
     # the keys of every document a query chunk overlaps (repeating the last one to a fixed width)
     excluded = keys[np.minimum(first_doc[:, None] + np.arange(span), last_doc[:, None])]
     queries = embedder.embed(chunks.reshape(w * n, cfg.chunk_len))
-    ids, sims = search_excluding(searcher, queries, excluded, corpus.keys, cfg.k, ntotal)
+    ids, sims = search_excluding(searcher, queries, excluded, corpus.keys, cfg.k)
     dist = np.where(ids >= 0, np.maximum(2.0 - 2.0 * sims, 0.0), np.inf).astype(np.float32)
     tokens = corpus.neighbour_tokens(ids).reshape(w, n, cfg.k, 2 * corpus.m)
     return tokens, dist.reshape(w, n, cfg.k), int(is_bos.sum())

@@ -26,7 +26,16 @@ from data_prep.chunks import (
 )
 from data_prep.corpus import CorpusConfig
 from data_prep.embedding import HashedNgramEmbedder
-from data_prep.faiss_index import IndexConfig, build_index, exact_top, load_index, recall_at, set_nprobe
+import data_prep.faiss_index as faiss_index
+from data_prep.faiss_index import (
+    IndexConfig,
+    Searcher,
+    build_index,
+    exact_top,
+    load_index,
+    recall_at,
+    set_nprobe,
+)
 from data_prep.retrieval import NeighboursConfig, find_neighbours, search_excluding, window_chunks
 from data_prep.shards import ShardsConfig, write_shards
 from prep_helpers import SEQ_LEN, WINDOWS_PER_SHARD, read_tree
@@ -190,7 +199,7 @@ def test_train_chunks_would_find_themselves_without_the_exclusion(built):
     own = doc_keys[docs[3 * SEQ_LEN:4 * SEQ_LEN]]
     assert np.isin(keys[plain[:, 0]], own).any()
     excluded = own.reshape(-1, C)
-    ids, _ = search_excluding(index, queries, excluded, keys, K, index.ntotal)
+    ids, _ = search_excluding(Searcher(index), queries, excluded, keys, K)
     assert not np.isin(keys[ids], own).any()
 
 
@@ -212,6 +221,86 @@ def test_faiss_search_matches_the_exact_reference_up_to_ties(built):
     x = np.concatenate([read_embedding_shard(root, s)["embeddings"] for s in man.shards])
     own = np.einsum("qd,qkd->qk", queries, x[ids])
     np.testing.assert_allclose(own[differ], exact_s[differ], atol=1e-5)
+
+
+def _replicas(index):
+    """Two CPU copies of ``index`` behind a FAISS IndexReplicas: what index_cpu_to_all_gpus makes of it
+    on a two-GPU machine, with the same nprobe plumbing (ParameterSpace reaching into the replicas)."""
+    import faiss
+
+    replicas = faiss.IndexReplicas()
+    copies = [faiss.clone_index(index) for _ in range(2)]
+    for copy in copies:
+        set_nprobe(copy, 1)  # a GPU copy is made at another nprobe: the searcher must set it
+        replicas.addIndex(copy)
+    return replicas
+
+
+def test_a_device_searcher_sets_nprobe_inside_the_copies_and_finds_the_cpu_neighbours(built):
+    """Acceptance 4 (the device path, on CPU): nprobe reaches every replica, searches past the device's
+    k / nprobe limit go to the CPU form, and the neighbours equal the CPU searcher's."""
+    import faiss
+
+    index, summary = load_index(str(built["retrieval"]))
+    _, keys = _corpus_rows(str(built["retrieval"] / "embeddings"))
+    reader = WindowReader(str(built["data"]))
+    windows = np.stack([w[:-1] for _, w in zip(range(6), reader.iter_windows("train", 0))]).astype(np.int64)
+    queries = HashedNgramEmbedder().embed(window_chunks(windows, C).reshape(-1, C))
+    # the documents of each query's first K + 16 results are excluded: every search must widen past them,
+    # the first on the 'device', the wider ones on the CPU form
+    _, first = index.search(queries, K + 16)
+    excluded = keys[first]
+    want = search_excluding(Searcher(index), queries, excluded, keys, K)
+    replicas = _replicas(index)
+    device = Searcher(index, "cpu", device_index=replicas, max_k=K + 16)
+    inner = [faiss.downcast_index(replicas.at(i)).nprobe for i in range(replicas.count())]
+    assert inner == [summary["nprobe"]] * 2 and summary["nprobe"] > 1
+    got = search_excluding(device, queries, excluded, keys, K)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    device.set_nprobe(index.nlist)  # past the limit: the CPU form searches every list, the copies stay capped
+    assert faiss.downcast_index(replicas.at(0)).nprobe == K + 16 and index.nprobe == index.nlist
+    _, every = device.search(queries, K)
+    _, cpu_every = index.search(queries, K)
+    np.testing.assert_array_equal(every, cpu_every)
+
+
+def test_the_neighbours_job_on_a_stand_in_device_writes_the_cpu_files(built, tmp_path, monkeypatch):
+    """The neighbours job with its search on 'GPUs' (CPU replicas standing in) writes the CPU run's bytes."""
+    import data_prep.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(faiss_index, "to_device", lambda index, device: _replicas(index))
+    out = tmp_path / "nb"
+    result = find_neighbours(NeighboursConfig(dataset=str(built["data"]), retrieval=str(built["retrieval"]),
+                                              out=str(out), chunk_len=C, k=K), progress=False)
+    assert result["device"] == "cuda"
+    assert read_tree(out) == read_tree(built["retrieval"] / "neighbours")
+
+
+def _gpus() -> int:
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+@pytest.mark.skipif(_gpus() == 0, reason="needs faiss-gpu and a CUDA device")
+def test_gpu_and_cpu_neighbours_agree_up_to_ties(built, tmp_path):
+    """Acceptance 4 on a GPU: the neighbours job on cuda finds the CPU job's neighbours; where the ids
+    differ, the distances tie."""
+    runs = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        find_neighbours(NeighboursConfig(dataset=str(built["data"]), retrieval=str(built["retrieval"]), out=str(out),
+                                         chunk_len=C, k=K, device=device), progress=False)
+        runs[device] = NeighbourReader(str(out), dataset=str(built["data"]))
+    for split in ("train", "val"):
+        for (ids_c, dist_c), (ids_g, dist_g) in zip(runs["cpu"].iter_windows(split), runs["cuda"].iter_windows(split)):
+            np.testing.assert_allclose(dist_g, dist_c, atol=1e-4)
+            differ = (ids_g != ids_c).any(-1)
+            assert differ.mean() < 0.1
 
 
 def _run(args: list[str], tmp_path: Path, **env) -> subprocess.CompletedProcess:
@@ -244,7 +333,8 @@ def _kill_after_first_shard(cmd: list[str], journal: Path, tmp_path: Path) -> No
     while time.time() < deadline:
         if journal.exists() and json.loads(journal.read_text()).get("job"):
             state = json.loads(journal.read_text())
-            done = len(state.get("shards", [])) + sum(len(v) for v in state.get("splits", {}).values())
+            done = len(state.get("shards", [])) + len(state.get("parts", [])) + sum(
+                len(v) for v in state.get("splits", {}).values())
             if done:
                 break
         assert proc.poll() is None, proc.stderr.read().decode()
@@ -254,7 +344,8 @@ def _kill_after_first_shard(cmd: list[str], journal: Path, tmp_path: Path) -> No
 
 
 def test_killed_jobs_resume_to_the_same_bytes(built, tmp_path):
-    """Acceptance 3: embed and neighbours killed after their first shard, run again, end identical."""
+    """Acceptance 3: embed, index and neighbours each SIGKILLed after their first shard (or index part),
+    run again, end identical to the uninterrupted run."""
     data = str(built["data"])
     out = tmp_path / "r"
     embed = ["embed", data, "--out", str(out / "embeddings"), "--chunk-len", str(M), "--chunks-per-shard", "700"]
@@ -264,6 +355,15 @@ def test_killed_jobs_resume_to_the_same_bytes(built, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "1 of" in res.stdout  # one shard kept from the killed run
     assert read_tree(out / "embeddings") == read_tree(built["retrieval"] / "embeddings")
+
+    index = ["index", str(out)]
+    _kill_after_first_shard(index, out / "index" / "progress.json", tmp_path)
+    assert not (out / "index" / "index.json").exists()
+    kept = {f: (out / "index" / f).stat().st_mtime_ns for f in ("trained.faiss", "parts/part-000000.faiss")}
+    res = _run(index, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert {f: (out / "index" / f).stat().st_mtime_ns for f in kept} == kept  # not trained or added again
+    assert json.loads((out / "index" / "index.json").read_text())["index_sha256"] == built["index"].index_sha256
 
     nb = ["neighbours", data, "--retrieval", str(built["retrieval"]), "--out", str(out / "nb"),
           "--chunk-len", str(C), "--k", str(K)]

@@ -17,8 +17,8 @@ from zarvan_dist.data.loader import LaneLoader
 
 
 class TracedLaneLoader(LaneLoader):
-    def __init__(self, url, split, layout, rows=None, start=0, workers=0, prefetch=2):
-        super().__init__(url, split, layout, rows=rows, start=start, workers=workers, prefetch=prefetch)
+    def __init__(self, url, split, layout, **kwargs):
+        super().__init__(url, split, layout, **kwargs)
         self.split = split
 
     def __iter__(self):
