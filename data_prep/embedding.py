@@ -11,6 +11,7 @@ and library version.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -82,24 +83,30 @@ class CheckpointEmbedder:
     (ids < 0) sits after the tokens, so a causal model's hidden states of the tokens ignore it.
     """
 
-    def __init__(self, path: str, device: str = "auto", batch: int = 256) -> None:
+    def __init__(self, path: str, device: str = "auto", batch: int = 256, sha256: str | None = None) -> None:
         import torch
 
-        from zarvan_dist.training.checkpoint import CheckpointError, load_checkpoint_model
+        from zarvan_dist.training.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
 
         self.torch = torch
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
         try:
-            self.model = load_checkpoint_model(path, self.device).float()
+            # a run directory means its latest checkpoint now: the spec names that one checkpoint
+            resolved = Path(path) if (Path(path) / "export.json").is_file() else resolve_checkpoint(path)
+            self.model = load_checkpoint_model(resolved, self.device).float()
         except (CheckpointError, OSError, KeyError) as exc:
             raise DataPrepError(f"--embedder checkpoint:{path}: cannot load the model: {exc}") from None
-        self.path, self.batch = str(Path(path).resolve()), batch
+        self.path, self.batch = str(resolved.resolve()), batch
         self.dim = self.model.config.d_model
+        self.sha256 = weights_sha256(self.model)
+        if sha256 is not None and sha256 != self.sha256:
+            raise DataPrepError(f"embedder checkpoint {self.path}: its weights (sha256 {self.sha256[:12]}...) are not "
+                                f"those the corpus was embedded with (sha256 {sha256[:12]}...)")
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"kind": "checkpoint", "path": self.path, "dim": self.dim}
+        return {"kind": "checkpoint", "path": self.path, "dim": self.dim, "sha256": self.sha256}
 
     def embed(self, chunks: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -118,6 +125,18 @@ class CheckpointEmbedder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), dtype=np.float32)
 
 
+def weights_sha256(model) -> str:
+    """sha256 of a model's parameters and buffers (names, dtypes, shapes and bytes, in name order)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def make_embedder(spec: str | dict[str, Any], dim: int = 256, device: str = "auto"):
     """An embedder from the job option (``hashed`` or ``checkpoint:PATH``, hashed of width ``dim``) or
     from the ``spec`` dict an embeddings manifest recorded."""
@@ -126,7 +145,7 @@ def make_embedder(spec: str | dict[str, Any], dim: int = 256, device: str = "aut
         if kind == "hashed":
             return HashedNgramEmbedder(spec["dim"], spec["hashes"], spec["seed"], spec["bigram_weight"])
         if kind == "checkpoint":
-            return CheckpointEmbedder(spec["path"], device)
+            return CheckpointEmbedder(spec["path"], device, sha256=spec.get("sha256"))
         raise DataPrepError(f"unknown embedder kind {kind!r} (expected hashed or checkpoint)")
     if spec == "hashed":
         return HashedNgramEmbedder(dim)

@@ -81,8 +81,10 @@ def _export_dir(tmp_path):
 
 
 def test_checkpoint_embedder_is_the_normalised_mean_final_hidden_state(tmp_path):
+    import safetensors.torch as safetensors_torch
     import torch
 
+    from data_prep import DataPrepError
     from data_prep.embedding import make_embedder
 
     model = _export_dir(tmp_path).eval()
@@ -99,6 +101,12 @@ def test_checkpoint_embedder_is_the_normalised_mean_final_hidden_state(tmp_path)
     np.testing.assert_allclose(got[1], want3[0], atol=1e-6)  # padding after the tokens changes nothing
     # the manifest's spec rebuilds the same embedder
     np.testing.assert_array_equal(make_embedder(emb.spec, device="cpu").embed(chunks), got)
+    # and refuses a checkpoint whose weights changed since the corpus was embedded
+    with torch.no_grad():
+        model.embed.weight[0, 0] += 1.0
+    safetensors_torch.save_model(model, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DataPrepError, match="not those the corpus was embedded with"):
+        make_embedder(emb.spec, device="cpu")
 
 
 def test_embedder_option_errors_are_clear(tmp_path):
