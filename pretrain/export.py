@@ -28,6 +28,7 @@ OUT_DIR, which takes its place once complete.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -130,23 +131,29 @@ def hf_writer(model_cfg: ModelConfig):
 def run_tokenizer(config: dict, model_cfg: ModelConfig, tokenizer: str | None) -> tuple[str, bytes]:
     """The URL and bytes of the sentencepiece model ``tokenizer``, else of the run's dataset (``data.dir``),
     checked to be lossless and to fit the model."""
-    manifest = None
-    if tokenizer is None:
-        data_dir = config.get("data", {}).get("dir")
-        if not data_dir:
-            raise ExportError("the checkpoint's config names no data.dir to take the tokenizer from; pass --tokenizer")
+    manifest, why = None, "the checkpoint's config names no data.dir to take the tokenizer from"
+    data_dir = (config.get("data") or {}).get("dir")
+    if data_dir:
         try:
             manifest = Manifest.load(data_dir)
         except ConfigError as exc:
-            raise ExportError(f"the run's dataset: {exc}; pass --tokenizer") from None
+            why = f"the run's dataset: {exc}"
+    explicit = tokenizer is not None
+    if not explicit:
+        if manifest is None:
+            raise ExportError(f"{why}; pass --tokenizer")
         tokenizer = f"{dataset_root(data_dir)}/{manifest.tokenizer.path}"
     try:
         sp, data = load_tokenizer(tokenizer)
     except DataPrepError as exc:
-        raise ExportError(f"{exc}" + ("; pass --tokenizer" if manifest is not None else "")) from None
+        raise ExportError(f"{exc}" + ("" if explicit else "; pass --tokenizer")) from None
     if sp.get_piece_size() > model_cfg.vocab_size or (manifest is not None and sp.bos_id() != manifest.bos_id):
         raise ExportError(f"tokenizer {tokenizer}: {sp.get_piece_size()} pieces, BOS {sp.bos_id()}; the model reads "
                           f"a vocabulary of {model_cfg.vocab_size}: not the run's tokenizer")
+    sha = hashlib.sha256(data).hexdigest()
+    if manifest is not None and sha != manifest.tokenizer.sha256:
+        raise ExportError(f"tokenizer {tokenizer} (sha256 {sha[:12]}...) is not the one the run's dataset {data_dir} "
+                          f"was encoded with (sha256 {manifest.tokenizer.sha256[:12]}...)")
     return tokenizer, data
 
 

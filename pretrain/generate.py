@@ -43,12 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import sentencepiece as spm
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from data_prep.tokenizer import encode_documents
 from zarvan_dist.config import ConfigError
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.generation import Context, check_sampling, decode, read
@@ -184,6 +186,15 @@ def read_prompts(given: list[tuple[str, str]]) -> list[str]:
     return texts
 
 
+def encode_prompts(processor: spm.SentencePieceProcessor, texts: list[str], continued: bool) -> list[torch.Tensor]:
+    """Each text's token ids [n] (int64) as the shards hold a document (``encode_documents``: led by BOS,
+    a literal U+2581 in bytes); without the BOS when ``continued`` (text appended to a saved row)."""
+    if not texts:
+        return []
+    tokens, lengths = encode_documents(processor, texts, "int64")
+    return [torch.from_numpy(ids[1:] if continued else ids) for ids in np.split(tokens, np.cumsum(lengths)[:-1])]
+
+
 class TextStream:
     """The text of a growing list of token ids, handed out as it becomes final.
 
@@ -307,8 +318,7 @@ def run(args: argparse.Namespace) -> None:
             generator.set_state(saved_generator)
     if args.seed is not None or context is None:
         generator.manual_seed(args.seed or 0)
-    # a resumed row continues its document: no BOS before the text appended to it
-    rows = [torch.tensor(([] if context is not None else [bos]) + sp.encode(t), dtype=torch.long) for t in texts]
+    rows = encode_prompts(sp, texts, continued=context is not None)
     start = time.perf_counter()
     if rows:
         context = read(source.model, context, rows, bos, args.prefill_chunk)

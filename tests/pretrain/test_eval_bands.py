@@ -44,11 +44,12 @@ def run(tmp_path_factory) -> Path:
     for i in range(20):
         (tmp / "corpus" / f"{i}.txt").write_text(prose(rng, 200))
     data = tmp / "data"
+    train_tokenizer(TokenizerConfig(out=str(tmp / "tokenizer.model"), vocab_size=PIECES, threads=1,
+                                    corpus=CorpusConfig(inputs=[str(tmp / "corpus")])), progress=False)
     np_rng = np.random.default_rng(0)
     write_token_dataset(data, {"train": random_documents(np_rng, 30, PIECES, 20, 120),
-                               "val": random_documents(np_rng, 10, PIECES, 20, 100)}, SEQ_LEN, PIECES, 10)
-    train_tokenizer(TokenizerConfig(out=str(data / "tokenizer.model"), vocab_size=PIECES, threads=1,
-                                    corpus=CorpusConfig(inputs=[str(tmp / "corpus")])), progress=False)
+                               "val": random_documents(np_rng, 10, PIECES, 20, 100)}, SEQ_LEN, PIECES, 10,
+                        tokenizer=(tmp / "tokenizer.model").read_bytes())
     config = run_config(tmp, data, train={"steps": 2, "grad_accum": 1}, checkpoint={"every": 2, "keep": 1},
                         eval={"every": 2, "rows": 2, "steps": 0},
                         logging={"every": 2, "tensorboard": False, "progress": False})
@@ -222,6 +223,20 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_an_error(run, texts, tmp_pat
     assert main(["--device", "cpu", "--checkpoint", str(run), "--text", str(texts[0]), "--tokenizer", str(bigger)]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: tokenizer ") and f"{PIECES + 40} pieces" in err and "vocabulary of 300" in err
+
+
+def test_another_tokenizer_of_the_same_size_is_an_error(run, texts, tmp_path, capsys):
+    """A tokenizer with the model's vocabulary size that is not the dataset's would give a wrong perplexity."""
+    rng = random.Random(7)
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(prose(rng, 200).upper())
+    other = tmp_path / "other.model"
+    train_tokenizer(TokenizerConfig(out=str(other), vocab_size=PIECES, threads=1,
+                                    corpus=CorpusConfig(inputs=[str(tmp_path / "corpus")])), progress=False)
+    assert main(["--device", "cpu", "--checkpoint", str(run), "--text", str(texts[0]), "--tokenizer", str(other)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: tokenizer {other} (sha256 ") and "is not the one the run's dataset" in err
 
 
 def test_band_edges_parse():

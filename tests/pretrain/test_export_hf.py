@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from data_prep.corpus import CorpusConfig  # noqa: E402
 from data_prep.tokenizer import TokenizerConfig, encode_documents, load_tokenizer, train_tokenizer  # noqa: E402
 from pretrain.export import main  # noqa: E402
+from pretrain.generate import main as generate_main  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 from run_helpers import ROOT, SEQ_LEN, run_config, trainer_env  # noqa: E402
 from token_data import random_documents, write_token_dataset  # noqa: E402
@@ -63,8 +64,8 @@ def trained_run(tokenizer_model, tmp_path_factory):
     data = tmp / "data"
     rng = np.random.default_rng(0)
     write_token_dataset(data, {"train": random_documents(rng, 20, VOCAB, 20, 80),
-                               "val": random_documents(rng, 4, VOCAB, 20, 40)}, SEQ_LEN, VOCAB, 10)
-    (data / "tokenizer.model").write_bytes(tokenizer_model)
+                               "val": random_documents(rng, 4, VOCAB, 20, 40)}, SEQ_LEN, VOCAB, 10,
+                        tokenizer=tokenizer_model)
     config = run_config(tmp, data, model={"vocab_size": VOCAB}, train={"steps": 2, "grad_accum": 1},
                         checkpoint={"every": 2, "keep": 1}, eval={"every": 2, "rows": 2, "steps": 1},
                         logging={"every": 1, "tensorboard": False, "progress": False})
@@ -147,7 +148,7 @@ def test_trust_remote_code_loads_the_copied_module(tokenizer_model, tiny_config,
     torch.testing.assert_close(torch.tensor(result["logits"]), want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["zarvan", "nonattn", "transformer", "slam"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_generate_matches_zarvan_generate(arch, tiny_export, one_thread):
     model, out = tiny_export(arch)
     hf = AutoModelForCausalLM.from_pretrained(out)
@@ -191,7 +192,7 @@ def test_tokenizer_encodes_like_the_shards_and_decodes_losslessly(tokenizer_mode
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
 
 
-def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_run, tmp_path, one_thread):
+def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_run, tmp_path, capsys, one_thread):
     out = tmp_path / "hf"
     assert main([str(trained_run), str(out), "--format", "hf"]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors", "hf.py",
@@ -215,6 +216,11 @@ def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_r
     for row, text in enumerate(["the cat", "  and\n\tmore of it"]):
         want = generate(source, torch.tensor([tok(text)["input_ids"]]), 8, temperature=0, bos_id=1)
         assert torch.equal(got[row, ids["input_ids"].shape[1]:], want[0])
+        # and the command line's greedy completion is the text of transformers' tokens
+        capsys.readouterr()
+        assert generate_main(["--checkpoint", str(trained_run), "--prompt", text, "--greedy", "--max-new-tokens", "8",
+                              "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == tok.decode(got[row, ids["input_ids"].shape[1]:]) + "\n"
 
 
 def test_native_stays_the_default_and_overwrite_replaces_an_export(trained_run, tmp_path, one_thread):
@@ -248,6 +254,14 @@ def test_bad_input_is_a_clear_error(trained_run, token_dataset, tmp_path, capsys
     missing = trained_run.parent / "data" / "missing.model"
     assert f"cannot read tokenizer {missing}" in error(trained_run, tmp_path / "out", "--format", "hf",
                                                        "--tokenizer", missing)
+    other = tmp_path / "other.model"  # the model's vocabulary size, but not the dataset's tokenizer
+    (tmp_path / "corpus").mkdir()
+    for i in range(20):
+        (tmp_path / "corpus" / f"{i}.txt").write_text(f"DEF G_{i}(X):\n    RETURN X * {i}  # THE END OF A LINE\n" * 9)
+    train_tokenizer(TokenizerConfig(out=str(other), vocab_size=VOCAB, threads=1,
+                                    corpus=CorpusConfig(inputs=[str(tmp_path / "corpus")])), progress=False)
+    assert "is not the one the run's dataset" in error(trained_run, tmp_path / "out", "--format", "hf",
+                                                       "--tokenizer", other)
     data = trained_run.parent / "data"
     data.rename(data.with_name("gone"))
     try:  # the run's dataset is not where the run read it
@@ -255,3 +269,25 @@ def test_bad_input_is_a_clear_error(trained_run, token_dataset, tmp_path, capsys
     finally:
         data.with_name("gone").rename(data)
     assert not (tmp_path / "out").exists()
+
+
+NO_TRANSFORMERS = """
+import sys
+sys.modules["transformers"] = None  # as if it were not installed
+from pretrain.export import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_transformers_stays_optional(trained_run, tmp_path):
+    """Without transformers the native export works and --format hf says what to install."""
+    def export(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", NO_TRANSFORMERS, str(trained_run), *args], cwd=ROOT,
+                              env=trainer_env(tmp_path), capture_output=True, text=True, timeout=300)
+
+    done = export(str(tmp_path / "native"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "native" / "model.safetensors").is_file()
+    done = export(str(tmp_path / "hf"), "--format", "hf")
+    assert done.returncode == 1 and "--format hf needs transformers (pip install 'zarvan-dist[hf]')" in done.stderr
+    assert not (tmp_path / "hf").exists()

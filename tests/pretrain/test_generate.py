@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
@@ -20,7 +21,8 @@ from safetensors.torch import load_file, save_file, save_model
 from data_prep.corpus import CorpusConfig
 from data_prep.shards import ShardsConfig, write_shards
 from data_prep.tokenizer import TokenizerConfig, train_tokenizer
-from pretrain.generate import TextStream, main
+from data_prep.tokenizer import encode_documents
+from pretrain.generate import TextStream, encode_prompts, main
 from run_helpers import ROOT, trainer_env
 from zarvan_dist import ARCHS, ModelConfig, build_model
 from zarvan_dist.generation import Context, decode, generate, read, sample
@@ -287,6 +289,48 @@ def test_text_given_with_a_state_is_appended_to_its_row(cli_run, tmp_path, capsy
     ids = torch.tensor([[BOS, *sp.encode("the cat"), *sp.encode(" sat on")]])
     want = sp.decode(generate(cli_run["model"], ids, 8, temperature=0, bos_id=BOS)[0].tolist())
     assert capsys.readouterr().out == "\n" + want + "\n"
+
+
+def test_prompts_are_encoded_as_the_shards_encode_a_document(cli_run):
+    """A literal U+2581 (sentencepiece's space mark) is spelled in bytes, as data_prep wrote it for training."""
+    sp = cli_run["sp"]
+    texts = ["a\u2581cat sat", "the dog"]
+    tokens, lengths = encode_documents(sp, texts, "int64")
+    want = np.split(tokens, np.cumsum(lengths)[:-1])
+    got = encode_prompts(sp, texts, continued=False)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    assert got[0].tolist() != [BOS, *sp.encode(texts[0])]  # the plain encoding would differ
+    assert [g.tolist() for g in encode_prompts(sp, texts, continued=True)] == [w[1:].tolist() for w in want]
+
+
+@pytest.mark.parametrize("arch", ["zarvan", "nonattn", "transformer"])
+def test_a_long_context_saved_and_resumed_generates_as_one_run(arch, cli_run, tmp_path, capsys, one_thread):
+    """Acceptance 4: a prompt of about 4k tokens (four prefill chunks of 1024, 16x the transformer's window)
+    read once, its state saved after 5 generated tokens and resumed for 7 more, equals 12 tokens in one run."""
+    rng = random.Random(5)
+    text = " ".join(rng.choice(TEXT) for _ in range(3000))
+    (tmp_path / "long.txt").write_text(text)
+    sp = cli_run["sp"]
+    assert len(sp.encode(text)) > 3072
+    checkpoint = str(write_export(tmp_path / arch, model_config(arch, attn_window=256)))
+    base = cli("--checkpoint", checkpoint, "--tokenizer", str(cli_run["root"] / "tokenizer.model"))
+    sampled = ["--temperature", "1.0", "--top-k", "0", "--seed", "3"]
+    assert main([*base, "--prompt-file", str(tmp_path / "long.txt"), *sampled, "--max-new-tokens", "12",
+                 "--save-state", str(tmp_path / "whole.st")]) == 0
+    whole_text = capsys.readouterr().out
+    assert main([*base, "--prompt-file", str(tmp_path / "long.txt"), *sampled, "--max-new-tokens", "5",
+                 "--save-state", str(tmp_path / "first.st")]) == 0
+    first_text = capsys.readouterr().out
+    assert main([*base, "--load-state", str(tmp_path / "first.st"), "--temperature", "1.0", "--top-k", "0",
+                 "--max-new-tokens", "7", "--save-state", str(tmp_path / "resumed.st")]) == 0
+    rest_text = capsys.readouterr().out
+    _, whole = read_state(tmp_path / "whole.st")
+    _, resumed = read_state(tmp_path / "resumed.st")
+    assert int(whole["lengths"][0]) == len(sp.encode(text)) + 1 + 12
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+    # the state after every generated token equals: the same tokens were drawn (texts decode per run)
+    assert whole_text and first_text and rest_text
 
 
 def test_text_stream_holds_back_incomplete_characters(cli_run):

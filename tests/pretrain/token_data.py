@@ -27,12 +27,14 @@ BOS = 1
 
 
 def write_token_dataset(root: str | Path, streams: dict[str, np.ndarray], seq_len: int, vocab: int,
-                        windows_per_shard: int, documents: dict[str, int] | None = None) -> Manifest:
-    """Write ``streams`` (split -> 1-D token stream) as a dataset under ``root``; returns its manifest."""
+                        windows_per_shard: int, documents: dict[str, int] | None = None,
+                        tokenizer: bytes | None = None) -> Manifest:
+    """Write ``streams`` (split -> 1-D token stream) as a dataset under ``root``; returns its manifest.
+    ``tokenizer``: the bytes of a sentencepiece model to ship (recorded with its sha256), else a stand-in."""
     root = Path(root)
     dtype = dtype_for_vocab(vocab)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "tokenizer.model").write_bytes(b"synthetic: no tokenizer")
+    (root / "tokenizer.model").write_bytes(tokenizer or b"synthetic: no tokenizer")
     splits = {}
     for name in ("train", "val"):
         stream = np.asarray(streams.get(name, np.zeros(0)), dtype=dtype)
@@ -57,7 +59,8 @@ def write_token_dataset(root: str | Path, streams: dict[str, np.ndarray], seq_le
     manifest = Manifest(
         format="zarvan-token-shards", version=1, seq_len=seq_len, vocab_size=vocab, dtype=dtype,
         bos_id=BOS, eos_id=2, pad_id=3, unk_id=0,
-        tokenizer=TokenizerEntry("tokenizer.model", "0" * 64, "synthetic"),
+        tokenizer=TokenizerEntry("tokenizer.model", hashlib.sha256(tokenizer).hexdigest() if tokenizer else "0" * 64,
+                                 "given" if tokenizer else "synthetic"),
         windows_per_shard=windows_per_shard, sample_bytes=sample_bytes(seq_len, dtype),
         splits=Splits(**splits))
     (root / "manifest.json").write_text(manifest.to_json())
