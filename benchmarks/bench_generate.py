@@ -23,13 +23,14 @@ arch and context:
 
 and, per arch, the ratio of each figure at the longest context to the shortest. The linear
 models (zarvan, nonattn) carry a fixed-size state, so their ratios should be near 1. The
-transformer baseline is sliding-window attention: its state is a KV cache of the last
-attn_window - 1 tokens per layer (``zarvan_dist.ops.attention.windowed_attention``), fixed in
-size, so its cost per token is flat beyond the window too. --full-attention runs it instead with
-a window longer than the context (every past token visible: a KV cache that spans the context),
-which is full causal attention; it is skipped, with the reason, at a context whose KV cache and
-prefill attention scores would not fit in the free memory. Archs that do not carry a state
-(slam: ``streams`` false, every token re-reads the context) are skipped with the reason.
+transformer baseline runs twice (--attention both): "transformer full" with a window longer than
+the context, i.e. full causal attention whose KV cache spans the whole context, so its cost per
+token grows with the context (it is skipped, with the reason, at a context whose KV cache and
+prefill attention scores would not fit in the free memory); and "transformer wN" with its
+configured sliding window of N keys, whose state is a KV cache of the last N - 1 tokens per layer
+(``zarvan_dist.ops.attention.windowed_attention``), fixed in size beyond the window. Archs that do
+not carry a state (slam: ``streams`` false, every token re-reads the context) are skipped with the
+reason.
 
 Random weights (seed 0) and random tokens: the figures are costs, not quality. Timings on a
 shared machine vary with its load; the header prints the load average. On a CPU that other jobs
@@ -38,7 +39,7 @@ several times faster that way).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_generate.py    # debug size, 1k/8k/64k: ~1-2 min on a CPU core
     python benchmarks/bench_generate.py --contexts 1024 8192 --new-tokens 16 --repeats 3    # quick: ~15 s
-    python benchmarks/bench_generate.py --size 125m --device cuda --full-attention
+    python benchmarks/bench_generate.py --size 125m --device cuda --attention full
 """
 
 from __future__ import annotations
@@ -132,10 +133,10 @@ def attention_bytes(cfg: ModelConfig, batch: int, chunk: int) -> float:
     return cache + 4.0 * batch * cfg.n_heads * chunk * keys * 4
 
 
-def model_config(arch: str, context: int, args: argparse.Namespace) -> ModelConfig:
-    """The named size of ``arch``; with --full-attention an attention arch sees the whole context."""
+def model_config(arch: str, context: int, full: bool, args: argparse.Namespace) -> ModelConfig:
+    """The named size of ``arch``; with ``full`` an attention arch sees the whole context."""
     cfg = ModelConfig.from_yaml(CONFIGS / f"{arch}-{args.size}.yaml")
-    if args.full_attention and arch in ATTENTION_ARCHS:
+    if full and arch in ATTENTION_ARCHS:
         # every token of the context and of the decoded ones stays in the cache
         window = context + args.warmup + args.new_tokens + 1
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "attn_window": window})
@@ -175,12 +176,13 @@ class Context(NamedTuple):
     prefill_s: float
 
 
-def skip_reason(model: torch.nn.Module, context: int, args: argparse.Namespace, device: torch.device) -> str | None:
+def skip_reason(model: torch.nn.Module, context: int, full: bool, args: argparse.Namespace,
+                device: torch.device) -> str | None:
     """Why ``model`` is not measured at ``context``, or None."""
     cfg = model.config
     if not model.streams:
         return f"{cfg.arch} carries no state (streams false): each new token re-reads the whole context"
-    if args.full_attention and cfg.arch in ATTENTION_ARCHS:
+    if full and cfg.arch in ATTENTION_ARCHS:
         need, free = attention_bytes(cfg, args.batch, args.chunk), free_memory(device)
         if need > free:
             return (f"full attention at context {context}: the KV cache and prefill scores need about "
@@ -207,7 +209,7 @@ def prefill(model: torch.nn.Module, context: int, args: argparse.Namespace, devi
     return Context(model, token, state, seconds)
 
 
-def bench(arch: str, contexts: list[int], args: argparse.Namespace, device: torch.device,
+def bench(arch: str, full: bool, contexts: list[int], args: argparse.Namespace, device: torch.device,
           dtype: torch.dtype) -> dict[int, dict[str, float] | str]:
     """The figures of one arch at each context length, or the reason it was skipped there.
 
@@ -219,11 +221,11 @@ def bench(arch: str, contexts: list[int], args: argparse.Namespace, device: torc
     models: dict[int, torch.nn.Module] = {}  # by attn_window, the one field model_config changes
     prepared: dict[int, Context | str] = {}
     for c in contexts:
-        cfg = model_config(arch, c, args)
+        cfg = model_config(arch, c, full, args)
         if cfg.attn_window not in models:
             torch.manual_seed(0)
             models[cfg.attn_window] = build_model(cfg).to(device).eval()
-        reason = skip_reason(models[cfg.attn_window], c, args, device)
+        reason = skip_reason(models[cfg.attn_window], c, full, args, device)
         prepared[c] = reason or prefill(models[cfg.attn_window], c, args, device, autocast)
     ready = {c: p for c, p in prepared.items() if isinstance(p, Context)}
     times: dict[int, list[float]] = {c: [] for c in ready}
@@ -290,8 +292,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=8, help="untimed decoding steps first (default: 8)")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together (default: 1)")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per prefill forward (default: 1024)")
-    parser.add_argument("--full-attention", action="store_true",
-                        help="attention archs see the whole context (window > context) instead of their attn_window")
+    parser.add_argument("--attention", choices=["both", "full", "window"], default="both",
+                        help="attention archs: with a window longer than the context (full causal attention, a KV "
+                             "cache of the whole context), with their configured attn_window, or both (default)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="autocast dtype (default: auto, bfloat16 on GPUs that support it)")
@@ -306,38 +309,55 @@ def main() -> None:
     contexts = sorted(set(args.contexts))
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    attention = "full attention" if args.full_attention else "sliding-window attention"
     print(f"size {args.size}, batch {args.batch}, {args.new_tokens} new tokens x {args.repeats} repeats "
           f"({args.warmup} warm-up), prefill chunk {args.chunk}, device {device}, dtype {str(dtype)[6:]}, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}; "
-          f"transformer: {attention}")
-    print(f"{'arch':<12}{'context':>9}{'params M':>10}{'prefill s':>11}{'ms/token':>10}{'tokens/s':>10}"
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f}")
+    width = 18
+    print(f"{'arch':<{width}}{'context':>9}{'params M':>10}{'prefill s':>11}{'ms/token':>10}{'tokens/s':>10}"
           f"{'state MiB':>11}{'peak MiB':>10}")
     results: dict[str, dict[int, dict[str, float]]] = {}
-    for arch in args.archs:
-        results[arch] = {}
-        for context, r in bench(arch, contexts, args, device, dtype).items():
+    for arch, full, label in variants(args):
+        results[label] = {}
+        for context, r in bench(arch, full, contexts, args, device, dtype).items():
             if isinstance(r, str):
-                print(f"{arch:<12}{context:>9}  skipped: {r}", flush=True)
+                print(f"{label:<{width}}{context:>9}  skipped: {r}", flush=True)
                 continue
-            results[arch][context] = r
-            print(f"{arch:<12}{context:>9}{r['params_m']:>10.2f}{r['prefill_s']:>11.2f}{r['ms_per_token']:>10.3f}"
-                  f"{r['tokens_per_s']:>10,.0f}{r['state_mib']:>11.4g}{r['peak_mib']:>10.4g}", flush=True)
+            results[label][context] = r
+            print(f"{label:<{width}}{context:>9}{r['params_m']:>10.2f}{r['prefill_s']:>11.2f}"
+                  f"{r['ms_per_token']:>10.3f}{r['tokens_per_s']:>10,.0f}{r['state_mib']:>11.4g}"
+                  f"{r['peak_mib']:>10.4g}", flush=True)
         gc.collect()
     print()
-    for arch, rows in results.items():
+    for label, rows in results.items():
         if len(rows) < 2:
             continue
         lo, hi = rows[min(rows)], rows[max(rows)]
-        ratios = ", ".join(f"{label} x{hi[key] / lo[key]:.3f}" for label, key in (
+        ratios = ", ".join(f"{name} x{hi[key] / lo[key]:.3f}" for name, key in (
             ("ms/token", "ms_per_token"), ("tokens/s", "tokens_per_s"), ("state", "state_mib"), ("peak", "peak_mib")))
-        print(f"{arch:<12}context {max(rows)} / {min(rows)}: {ratios}")
+        print(f"{label:<{width}}context {max(rows)} / {min(rows)}: {ratios}")
     if not any(results.values()):
         return
-    plot(results, args.plot, f"generation from a carried state: {args.size}, batch {args.batch}, {device.type}, "
-                             f"transformer {attention}")
+    try:
+        plot(results, args.plot, f"generation from a carried state: {args.size}, batch {args.batch}, {device.type}")
+    except ImportError:
+        print("plot: skipped, matplotlib is not installed (pip install -e '.[bench]')")
+        return
     print(f"plot: {args.plot}")
 
+
+def variants(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+    """(arch, full attention, label) of every row group: an attention arch once per --attention mode."""
+    out = []
+    for arch in args.archs:
+        if arch not in ATTENTION_ARCHS:
+            out.append((arch, False, arch))
+            continue
+        window = ModelConfig.from_yaml(CONFIGS / f"{arch}-{args.size}.yaml").attn_window
+        if args.attention in ("window", "both"):
+            out.append((arch, False, f"{arch} w{window}"))
+        if args.attention in ("full", "both"):
+            out.append((arch, True, f"{arch} full"))
+    return out
 
 if __name__ == "__main__":
     main()

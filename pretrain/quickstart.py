@@ -6,7 +6,7 @@ Runs, printing each command as a user would type it:
   3. ``python -m pretrain``             configs/quickstart.yaml: a small Zarvan, checkpoints and TensorBoard
                                         under runs/quickstart;
   4. ``python -m pretrain.eval``        validation loss and perplexity of the last checkpoint;
-  5. a short sample decoded from the model, generated with its recurrent state carried.
+  5. ``python -m pretrain.generate``    a short sample from the model, generated with its recurrent state carried.
 With ``--retrieval``, step 2 is followed by ``python -m data_prep retrieval embed | index |
 neighbours`` (64-token chunks of the train split, a FAISS index, 2 neighbours for every 64-token
 chunk of every window) and step 3 trains the non-attention LLM with retrieval fusion
@@ -27,9 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import sentencepiece as spm
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "quickstart.yaml"
 RETRIEVAL_CONFIG = ROOT / "configs" / "quickstart-retrieval.yaml"
@@ -49,21 +46,6 @@ def run(args: list[str], capture: bool = False) -> str:
     if proc.returncode != 0:
         raise SystemExit(f"quickstart: `python {shlex.join(args)}` failed with exit status {proc.returncode}")
     return proc.stdout or ""
-
-
-def sample(run_dir: Path, prompt: str, tokens: int, seed: int = 0) -> str:
-    """``tokens`` tokens sampled (temperature 0.8, top-k 40) after ``prompt`` from the run's last checkpoint."""
-    from zarvan_dist.data import Manifest
-    from zarvan_dist.generation import generate
-    from zarvan_dist.training.checkpoint import load_checkpoint_model
-
-    model = load_checkpoint_model(run_dir)
-    manifest = Manifest.load(str(ROOT / DATA))
-    sp = spm.SentencePieceProcessor(model_file=str(ROOT / DATA / manifest.tokenizer.path))
-    ids = torch.tensor([[manifest.bos_id, *sp.encode(prompt)]])
-    new = generate(model, ids, tokens, temperature=0.8, top_k=40, bos_id=manifest.bos_id,
-                   generator=torch.Generator().manual_seed(seed))
-    return prompt + sp.decode(new[0].tolist())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,9 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     run(["-m", "pretrain", "--config", str(config.relative_to(ROOT)), "--set", f"run_dir={run_dir}",
          "--set", f"data.dir={DATA}", *overrides])
     result = json.loads(run(["-m", "pretrain.eval", "--checkpoint", run_dir], capture=True).strip().splitlines()[-1])
-    note = ", without retrieved text" if args.retrieval else ""
-    print(f"\n--- sample (prompt {PROMPT!r}, {args.sample_tokens} tokens, temperature 0.8{note}) ---")
-    print(sample(ROOT / run_dir, PROMPT, args.sample_tokens))
+    note = " (without retrieved text)" if args.retrieval else ""
+    print(f"\n--- a sample{note}: {args.sample_tokens} tokens after {PROMPT!r}, temperature 0.8, top-k 40 ---")
+    run(["-m", "pretrain.generate", "--checkpoint", run_dir, "--prompt", PROMPT, "--max-new-tokens",
+         str(args.sample_tokens), "--temperature", "0.8", "--top-k", "40", "--seed", "0"])
     print("---")
     print(f"\nvalidation loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f} "
           f"(step {result['step']}, {result['windows']} windows of the val split)")
