@@ -280,6 +280,21 @@ def plot(results: dict[str, dict[int, dict[str, float]]], path: Path, title: str
     plt.close(fig)
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
+    """(arch, full attention, label) of every row group: an attention arch once per --attention mode."""
+    out = []
+    for arch in args.archs:
+        if arch not in ATTENTION_ARCHS:
+            out.append((arch, False, arch))
+            continue
+        window = ModelConfig.from_yaml(CONFIGS / f"{arch}-{args.size}.yaml").attn_window
+        if args.attention in ("window", "both"):
+            out.append((arch, False, f"{arch} w{window}"))
+        if args.attention in ("full", "both"):
+            out.append((arch, True, f"{arch} full"))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archs", nargs="+", default=["zarvan", "nonattn", "transformer"], choices=ARCHS,
@@ -344,20 +359,6 @@ def main() -> None:
         return
     print(f"plot: {args.plot}")
 
-
-def variants(args: argparse.Namespace) -> list[tuple[str, bool, str]]:
-    """(arch, full attention, label) of every row group: an attention arch once per --attention mode."""
-    out = []
-    for arch in args.archs:
-        if arch not in ATTENTION_ARCHS:
-            out.append((arch, False, arch))
-            continue
-        window = ModelConfig.from_yaml(CONFIGS / f"{arch}-{args.size}.yaml").attn_window
-        if args.attention in ("window", "both"):
-            out.append((arch, False, f"{arch} w{window}"))
-        if args.attention in ("full", "both"):
-            out.append((arch, True, f"{arch} full"))
-    return out
 
 if __name__ == "__main__":
     main()

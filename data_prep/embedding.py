@@ -91,6 +91,9 @@ class CheckpointEmbedder:
         self.torch = torch
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
                                    else "cpu" if device == "auto" else device)
+        if sha256 is not None and not Path(path).exists():
+            raise DataPrepError(f"the checkpoint the corpus was embedded with, {path}, is gone (a run keeps its "
+                                f"newest checkpoint.keep checkpoints): restore it, or embed the corpus again")
         try:
             # a run directory means its latest checkpoint now: the spec names that one checkpoint
             resolved = Path(path) if (Path(path) / "export.json").is_file() else resolve_checkpoint(path)

@@ -115,8 +115,14 @@ GPU_SHARED_BYTES = 48 * 1024
 """Shared memory of a block that faiss-gpu lets an IVFPQ search's float32 lookup tables take."""
 
 
+GPU_PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+"""Sub-quantizer counts faiss-gpu's IVFPQ supports."""
+
+
 def to_device(index, device: str):
-    """The index itself on CPU; a GPU copy over every visible GPU for ``cuda``.
+    """The index itself on CPU; a GPU copy over every visible GPU for ``cuda``, or None where faiss-gpu
+    cannot hold it (an IVFPQ index of other sub-quantizer counts or whose lookup tables exceed a block's
+    shared memory even in float16): such an index is searched on the CPU.
 
     The copy is made with ``nprobe`` at most ``GPU_MAX_K`` (faiss-gpu refuses to copy more), and with
     float16 lookup tables for an IVFPQ index whose float32 tables (``pq_m`` x 2^bits x 4 bytes) exceed
@@ -127,7 +133,12 @@ def to_device(index, device: str):
     faiss = import_faiss()
     options = faiss.GpuMultipleClonerOptions()
     pq = getattr(index, "pq", None)
-    options.useFloat16 = pq is not None and pq.M * pq.ksub * 4 > GPU_SHARED_BYTES
+    if pq is not None:
+        if pq.M not in GPU_PQ_SUBQUANTIZERS or pq.M * pq.ksub * 2 > GPU_SHARED_BYTES:
+            print(f"note: faiss-gpu cannot search an IVFPQ index of {pq.M} sub-quantizers of {pq.nbits} bits; "
+                  f"it is searched on the CPU (choose pq_m in {list(GPU_PQ_SUBQUANTIZERS)} for the GPU)")
+            return None
+        options.useFloat16 = pq.M * pq.ksub * 4 > GPU_SHARED_BYTES
     saved = getattr(index, "nprobe", None)
     if saved is not None:
         index.nprobe = min(saved, GPU_MAX_K)
@@ -157,8 +168,9 @@ class Searcher:
     """A built index (its CPU form) searched on the CPU, or on every visible GPU for ``cuda``.
 
     Both devices answer every search: one that faiss-gpu cannot run (k or nprobe above ``max_k``)
-    goes to the CPU form, which holds the same vectors and the same ``nprobe``. ``device_index``
-    replaces the GPU copy (tests stand a CPU ``IndexReplicas`` in for the GPUs).
+    goes to the CPU form, which holds the same vectors and the same ``nprobe``, and so does every
+    search of an index faiss-gpu cannot hold (``to_device`` gives None). ``device_index`` replaces the
+    GPU copy (tests stand a CPU ``IndexReplicas`` in for the GPUs).
     """
 
     def __init__(self, index, device: str = "cpu", device_index=None, max_k: int = GPU_MAX_K) -> None:
@@ -336,8 +348,10 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
             # step on the device's flat index, so CPU and GPU train the same coarse quantizer
             assign = to_device(faiss.IndexFlatIP(dim), device)  # referenced here: FAISS does not own it
             index.clustering_index = assign
-            index.train(x)
-            index.clustering_index = None
+            try:
+                index.train(x)
+            finally:
+                index.clustering_index = None
         trained_bytes = serialize(index)
         put_atomic(fs, f"{root}/{TRAINED_NAME}", trained_bytes)
         state = {"job": job, "trained_sha256": hashlib.sha256(trained_bytes).hexdigest(), "parts": []}

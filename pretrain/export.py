@@ -136,13 +136,15 @@ def run_tokenizer(config: dict, model_cfg: ModelConfig, tokenizer: str | None) -
     if data_dir:
         try:
             manifest = Manifest.load(data_dir)
-        except ConfigError as exc:
+        except (ConfigError, ImportError, OSError, ValueError) as exc:  # e.g. s3:// without s3fs, moved away
             why = f"the run's dataset: {exc}"
     explicit = tokenizer is not None
     if not explicit:
         if manifest is None:
             raise ExportError(f"{why}; pass --tokenizer")
         tokenizer = f"{dataset_root(data_dir)}/{manifest.tokenizer.path}"
+    elif manifest is None:
+        print(f"note: {why}; the tokenizer is not checked against it", file=sys.stderr)
     try:
         sp, data = load_tokenizer(tokenizer)
     except DataPrepError as exc:

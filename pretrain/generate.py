@@ -135,7 +135,7 @@ def load_tokenizer(source: Source, explicit: str | None) -> Tokenizer:
     if data_dir is not None:
         try:
             manifest = Manifest.load(data_dir)
-        except ConfigError as exc:
+        except (ConfigError, ImportError, OSError, ValueError) as exc:  # e.g. s3:// without s3fs, moved away
             why = f"the run's dataset is not readable: {exc}"
     if explicit:
         url = explicit

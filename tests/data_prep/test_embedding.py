@@ -107,6 +107,8 @@ def test_checkpoint_embedder_is_the_normalised_mean_final_hidden_state(tmp_path)
     safetensors_torch.save_model(model, str(tmp_path / "model.safetensors"))
     with pytest.raises(DataPrepError, match="not those the corpus was embedded with"):
         make_embedder(emb.spec, device="cpu")
+    with pytest.raises(DataPrepError, match="is gone"):
+        make_embedder({**emb.spec, "path": str(tmp_path / "rotated-away")}, device="cpu")
 
 
 def test_embedder_option_errors_are_clear(tmp_path):

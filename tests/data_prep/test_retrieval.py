@@ -223,22 +223,42 @@ def test_faiss_search_matches_the_exact_reference_up_to_ties(built):
     np.testing.assert_allclose(own[differ], exact_s[differ], atol=1e-5)
 
 
-def _replicas(index):
+def _replicas(index, calls: list[int] | None = None, limit: int | None = None):
     """Two CPU copies of ``index`` behind a FAISS IndexReplicas: what index_cpu_to_all_gpus makes of it
-    on a two-GPU machine, with the same nprobe plumbing (ParameterSpace reaching into the replicas)."""
+    on a two-GPU machine, with the same nprobe plumbing (ParameterSpace reaching into the replicas).
+    With ``calls``, each search's k is appended to it, and one past ``limit`` (k, or the copies' nprobe)
+    fails as faiss-gpu would."""
     import faiss
 
-    replicas = faiss.IndexReplicas()
-    copies = [faiss.clone_index(index) for _ in range(2)]
-    for copy in copies:
+    class Device(faiss.IndexReplicas):
+        def search(self, x, k, **kwargs):
+            if calls is not None:
+                calls.append(k)
+            nprobe = faiss.downcast_index(self.at(0)).nprobe
+            if limit is not None and max(k, nprobe) > limit:
+                raise RuntimeError(f"k {k} or nprobe {nprobe} past the device's limit {limit}")
+            return super().search(x, k, **kwargs)
+
+    replicas = Device()
+    for copy in (faiss.clone_index(index) for _ in range(2)):
         set_nprobe(copy, 1)  # a GPU copy is made at another nprobe: the searcher must set it
         replicas.addIndex(copy)
     return replicas
 
 
+class RecordingSearcher(Searcher):
+    """A Searcher that records the k of every search asked of it."""
+
+    asked: list[int]
+
+    def search(self, queries, k):
+        self.asked.append(k)
+        return super().search(queries, k)
+
+
 def test_a_device_searcher_sets_nprobe_inside_the_copies_and_finds_the_cpu_neighbours(built):
-    """Acceptance 4 (the device path, on CPU): nprobe reaches every replica, searches past the device's
-    k / nprobe limit go to the CPU form, and the neighbours equal the CPU searcher's."""
+    """Acceptance 4 (the device path, on CPU): nprobe reaches every replica, searches within the device's
+    k / nprobe limit run there and wider ones on the CPU form, and the neighbours equal the CPU searcher's."""
     import faiss
 
     index, summary = load_index(str(built["retrieval"]))
@@ -251,18 +271,22 @@ def test_a_device_searcher_sets_nprobe_inside_the_copies_and_finds_the_cpu_neigh
     _, first = index.search(queries, K + 16)
     excluded = keys[first]
     want = search_excluding(Searcher(index), queries, excluded, keys, K)
-    replicas = _replicas(index)
-    device = Searcher(index, "cpu", device_index=replicas, max_k=K + 16)
+    limit, on_device = K + 16, []
+    replicas = _replicas(index, on_device, limit)
+    device = RecordingSearcher(index, "cpu", device_index=replicas, max_k=limit)
+    device.asked = []
     inner = [faiss.downcast_index(replicas.at(i)).nprobe for i in range(replicas.count())]
     assert inner == [summary["nprobe"]] * 2 and summary["nprobe"] > 1
     got = search_excluding(device, queries, excluded, keys, K)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_array_equal(got[1], want[1])
+    assert on_device == [k for k in device.asked if k <= limit] and on_device  # the device took what it could
+    assert max(device.asked) > limit  # and the CPU form the rest
     device.set_nprobe(index.nlist)  # past the limit: the CPU form searches every list, the copies stay capped
-    assert faiss.downcast_index(replicas.at(0)).nprobe == K + 16 and index.nprobe == index.nlist
-    _, every = device.search(queries, K)
-    _, cpu_every = index.search(queries, K)
-    np.testing.assert_array_equal(every, cpu_every)
+    assert faiss.downcast_index(replicas.at(0)).nprobe == limit and index.nprobe == index.nlist
+    calls = len(on_device)
+    device.search(queries, K)
+    assert len(on_device) == calls
 
 
 def test_the_neighbours_job_on_a_stand_in_device_writes_the_cpu_files(built, tmp_path, monkeypatch):
@@ -270,11 +294,12 @@ def test_the_neighbours_job_on_a_stand_in_device_writes_the_cpu_files(built, tmp
     import data_prep.retrieval as retrieval
 
     monkeypatch.setattr(retrieval, "resolve_device", lambda device: "cuda")
-    monkeypatch.setattr(faiss_index, "to_device", lambda index, device: _replicas(index))
+    calls = []
+    monkeypatch.setattr(faiss_index, "to_device", lambda index, device: _replicas(index, calls, 2048))
     out = tmp_path / "nb"
     result = find_neighbours(NeighboursConfig(dataset=str(built["data"]), retrieval=str(built["retrieval"]),
                                               out=str(out), chunk_len=C, k=K), progress=False)
-    assert result["device"] == "cuda"
+    assert result["device"] == "cuda" and calls
     assert read_tree(out) == read_tree(built["retrieval"] / "neighbours")
 
 

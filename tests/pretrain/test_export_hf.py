@@ -266,6 +266,10 @@ def test_bad_input_is_a_clear_error(trained_run, token_dataset, tmp_path, capsys
     data.rename(data.with_name("gone"))
     try:  # the run's dataset is not where the run read it
         assert "no manifest" in error(trained_run, tmp_path / "out", "--format", "hf")
+        # with the tokenizer named, the export goes on, saying that it could not check it
+        assert main([str(trained_run), str(tmp_path / "moved"), "--format", "hf", "--tokenizer",
+                     str(data.with_name("gone") / "tokenizer.model")]) == 0
+        assert "the tokenizer is not checked against it" in capsys.readouterr().err
     finally:
         data.with_name("gone").rename(data)
     assert not (tmp_path / "out").exists()

@@ -303,6 +303,17 @@ def test_prompts_are_encoded_as_the_shards_encode_a_document(cli_run):
     assert [g.tolist() for g in encode_prompts(sp, texts, continued=True)] == [w[1:].tolist() for w in want]
 
 
+def test_the_command_reads_a_prompt_as_the_shards_hold_it(cli_run, tmp_path, capsys, one_thread):
+    text = "a\u2581cat sat on"
+    assert main(cli("--checkpoint", str(cli_run["run"]), "--prompt", text, "--max-new-tokens", "0",
+                    "--save-state", str(tmp_path / "s.st"))) == 0
+    capsys.readouterr()
+    _, saved = read_state(tmp_path / "s.st")
+    ids = torch.from_numpy(encode_documents(cli_run["sp"], [text], "int64")[0])
+    assert saved["lengths"].tolist() == [len(ids)]
+    assert torch.equal(saved["logits"], read(cli_run["model"], None, [ids], BOS).logits)
+
+
 @pytest.mark.parametrize("arch", ["zarvan", "nonattn", "transformer"])
 def test_a_long_context_saved_and_resumed_generates_as_one_run(arch, cli_run, tmp_path, capsys, one_thread):
     """Acceptance 4: a prompt of about 4k tokens (four prefill chunks of 1024, 16x the transformer's window)
