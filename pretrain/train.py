@@ -624,9 +624,11 @@ def main(argv: list[str] | None = None) -> int:
                              "RUN/checkpoints/latest, none starts afresh, or a checkpoint directory")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    status = None
     try:
         cfg = load_run_config(args.config, overrides)
-        return Trainer(cfg).fit()
+        status = Trainer(cfg).fit()
+        return status
     except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -635,4 +637,4 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     finally:
-        shutdown_distributed()
+        shutdown_distributed(finished=status is not None)

@@ -18,6 +18,7 @@ a world of one. The backend is NCCL on GPUs and gloo on CPU.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -117,8 +118,16 @@ def init_distributed(engine: str, device: torch.device, timeout_minutes: float =
     return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank), device
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(finished: bool = False) -> None:
+    """Destroy the process group. ``finished``: every rank ended the job normally, so all of them meet
+    at a barrier first (none tears its connections down while a peer still uses them), after a garbage
+    collection that frees the wrapped model's pending communication before its group goes: a gloo
+    rank otherwise aborted at exit now and then ("terminate called without an active exception").
+    After an error no barrier is waited for (the other ranks may never come)."""
     if dist.is_available() and dist.is_initialized():
+        if finished:
+            gc.collect()
+            dist.barrier()
         dist.destroy_process_group()
 
 
