@@ -86,7 +86,7 @@ class CheckpointEmbedder:
     def __init__(self, path: str, device: str = "auto", batch: int = 256, sha256: str | None = None) -> None:
         import torch
 
-        from zarvan_dist.training.checkpoint import CheckpointError, load_checkpoint_model, resolve_checkpoint
+        from zarvan_dist.training.checkpoint import CheckpointError, load_source_model, weights_source
 
         self.torch = torch
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -96,8 +96,8 @@ class CheckpointEmbedder:
                                 f"newest checkpoint.keep checkpoints): restore it, or embed the corpus again")
         try:
             # a run directory means its latest checkpoint now: the spec names that one checkpoint
-            resolved = Path(path) if (Path(path) / "export.json").is_file() else resolve_checkpoint(path)
-            self.model = load_checkpoint_model(resolved, self.device).float()
+            resolved = weights_source(path)
+            self.model = load_source_model(resolved, self.device).float()
         except (CheckpointError, OSError, KeyError) as exc:
             raise DataPrepError(f"--embedder checkpoint:{path}: cannot load the model: {exc}") from None
         self.path, self.batch = str(resolved.resolve()), batch

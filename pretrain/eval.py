@@ -28,7 +28,6 @@ text, documents, seq_len (raw text). The same figures go to stderr as a table.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -248,10 +247,7 @@ def evaluate_text(trainer: Trainer, inputs: list[str], tokenizer: str | None, ro
     if sp.get_piece_size() > vocab or sp.bos_id() != manifest.bos_id:
         raise DataPrepError(f"tokenizer {url}: {sp.get_piece_size()} pieces, BOS {sp.bos_id()}; the model "
                             f"reads a vocabulary of {vocab} with BOS {manifest.bos_id}: not the run's tokenizer")
-    sha = hashlib.sha256(data).hexdigest()
-    if sha != manifest.tokenizer.sha256:
-        raise DataPrepError(f"tokenizer {url} (sha256 {sha[:12]}...) is not the one the run's dataset "
-                            f"{trainer.cfg.data.dir} was encoded with (sha256 {manifest.tokenizer.sha256[:12]}...)")
+    manifest.check_tokenizer(url, data, trainer.cfg.data.dir)
     tokens, lengths = encode_documents(sp, texts, "int64")
     documents = np.split(tokens, np.cumsum(lengths)[:-1])
     seq_len = seq_len or trainer.seq_len

@@ -28,7 +28,6 @@ OUT_DIR, which takes its place once complete.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -152,10 +151,8 @@ def run_tokenizer(config: dict, model_cfg: ModelConfig, tokenizer: str | None) -
     if sp.get_piece_size() > model_cfg.vocab_size or (manifest is not None and sp.bos_id() != manifest.bos_id):
         raise ExportError(f"tokenizer {tokenizer}: {sp.get_piece_size()} pieces, BOS {sp.bos_id()}; the model reads "
                           f"a vocabulary of {model_cfg.vocab_size}: not the run's tokenizer")
-    sha = hashlib.sha256(data).hexdigest()
-    if manifest is not None and sha != manifest.tokenizer.sha256:
-        raise ExportError(f"tokenizer {tokenizer} (sha256 {sha[:12]}...) is not the one the run's dataset {data_dir} "
-                          f"was encoded with (sha256 {manifest.tokenizer.sha256[:12]}...)")
+    if manifest is not None:
+        manifest.check_tokenizer(tokenizer, data, data_dir)
     return tokenizer, data
 
 

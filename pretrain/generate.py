@@ -55,7 +55,7 @@ from zarvan_dist.config import ConfigError
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.generation import Context, check_sampling, decode, read
 from zarvan_dist.models import CausalLM, ModelConfig, build_model
-from zarvan_dist.training.checkpoint import CheckpointError, load_weights, resolve_checkpoint
+from zarvan_dist.training.checkpoint import CheckpointError, load_weights, weights_source
 
 STATE_FORMAT = "zarvan-generation-state"
 STATE_VERSION = "1"
@@ -100,7 +100,7 @@ def load_source(checkpoint: str, device: torch.device) -> Source:
     if not path.exists():
         raise GenerateError(f"checkpoint {checkpoint} does not exist")
     # resolved once: every load verifies the checkpoint's files against meta.json
-    path = path if (path / "export.json").is_file() else resolve_checkpoint(path)
+    path = weights_source(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise GenerateError(f"{path / 'config.yaml'}: no model section")
@@ -154,10 +154,8 @@ def load_tokenizer(source: Source, explicit: str | None) -> Tokenizer:
         processor = spm.SentencePieceProcessor(model_proto=data)
     except RuntimeError:
         raise GenerateError(f"tokenizer {url} is not a sentencepiece model") from None
-    sha = hashlib.sha256(data).hexdigest()
-    if manifest is not None and sha != manifest.tokenizer.sha256:
-        raise GenerateError(f"tokenizer {url} (sha256 {sha[:12]}...) is not the one the run's dataset {data_dir} "
-                            f"was encoded with (sha256 {manifest.tokenizer.sha256[:12]}...)")
+    if manifest is not None:
+        manifest.check_tokenizer(url, data, data_dir)
     vocab = source.model.config.vocab_size
     if processor.get_piece_size() != vocab:
         raise GenerateError(f"tokenizer {url} has {processor.get_piece_size()} pieces, "
@@ -165,7 +163,7 @@ def load_tokenizer(source: Source, explicit: str | None) -> Tokenizer:
     bos = manifest.bos_id if manifest is not None else processor.bos_id()
     if bos < 0:
         raise GenerateError(f"tokenizer {url} has no BOS piece")
-    return Tokenizer(processor, sha, bos, url)
+    return Tokenizer(processor, hashlib.sha256(data).hexdigest(), bos, url)
 
 
 def read_prompts(given: list[tuple[str, str]]) -> list[str]:

@@ -42,6 +42,7 @@ from zarvan_dist.training.checkpoint import (
     resolve_checkpoint,
     save_config,
     save_tensors,
+    weights_source,
     write_json,
 )
 from zarvan_dist.training.config import RunConfig, load_run_config
@@ -212,7 +213,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         model = build_model(self.model_cfg).to(self.device)
         if cfg.checkpoint.init_from:
-            load_weights(model, _weights_source(cfg.checkpoint.init_from), self.device)  # before any wrapping
+            load_weights(model, weights_source(cfg.checkpoint.init_from), self.device)  # before any wrapping
         self.flops_per_token = model.flops_per_token(self.seq_len)  # before ZeRO-3 partitions the parameters
         self.probe = ExpertProbe(model)
         if cfg.train.activation_checkpointing:
@@ -587,11 +588,6 @@ class _NoMetrics:
 
     def close(self) -> None:
         pass
-
-
-def _weights_source(path: str) -> Path:
-    """A ``pretrain.export`` directory as it is; a checkpoint, checkpoints root or run directory verified."""
-    return Path(path) if (Path(path) / "export.json").is_file() else resolve_checkpoint(path)
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

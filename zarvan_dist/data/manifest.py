@@ -9,6 +9,7 @@ Its JSON layout is these dataclasses, field for field (see ``Manifest.to_json``)
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -194,6 +195,14 @@ class Manifest:
             return from_dict(cls, data)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
+
+    def check_tokenizer(self, url: str, data: bytes, dataset: str) -> None:
+        """Raise ConfigError unless ``data``, the sentencepiece model read from ``url``, is the tokenizer
+        the dataset at ``dataset`` (this manifest's) was encoded with (by sha256)."""
+        sha = hashlib.sha256(data).hexdigest()
+        if sha != self.tokenizer.sha256:
+            raise ConfigError(f"tokenizer {url} (sha256 {sha[:12]}...) is not the one the run's dataset {dataset} "
+                              f"was encoded with (sha256 {self.tokenizer.sha256[:12]}...)")
 
     @classmethod
     def load(cls, url: str) -> Manifest:

@@ -275,14 +275,23 @@ def consolidate_deepspeed(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in saved["module"].items()}
 
 
+def weights_source(path: str | Path) -> Path:
+    """A ``pretrain.export`` directory as it is; a checkpoint, checkpoints root or run directory resolved
+    to one checkpoint and verified (``resolve_checkpoint``)."""
+    path = Path(path)
+    return path if (path / "export.json").is_file() else resolve_checkpoint(path)
+
+
 def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     """The model of a checkpoint (directory, checkpoints root or run directory) or of a ``pretrain.export``
     directory, weights loaded, in eval mode."""
+    return load_source_model(weights_source(path), device)
+
+
+def load_source_model(path: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """``load_checkpoint_model`` of what ``weights_source`` gave (resolved and verified already)."""
     from zarvan_dist.models import ModelConfig, build_model
 
-    path = Path(path)
-    if not (path / "export.json").is_file():
-        path = resolve_checkpoint(path)
     config = yaml.safe_load((path / "config.yaml").read_text())
     model = build_model(ModelConfig.from_dict(config["model"])).to(device)
     load_weights(model, path, device)
