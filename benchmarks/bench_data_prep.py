@@ -23,7 +23,8 @@ import time
 import data_prep.shards
 from data_prep.corpus import CorpusConfig, read_corpus
 from data_prep.shards import ShardsConfig, document_batches, write_shards
-from data_prep.tokenizer import TokenizerConfig, encode_documents, load_tokenizer, train_tokenizer
+from data_prep.tokenizer import TokenizerConfig, train_tokenizer
+from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 
 # Seconds spent inside the encode call, summed over the job's process and its workers: a shared
 # counter, inherited by the worker processes the job forks after this module patched the call.
@@ -63,7 +64,7 @@ def main() -> None:
                                                 sample_bytes=args.sample_bytes,
                                                 corpus=CorpusConfig(max_docs=args.max_docs)), progress=False)
             print(f"tokenizer: bpe {t['vocab_size']} trained on {t['sample_bytes']:,} bytes in {t['seconds']:.1f} s")
-        sp, _ = load_tokenizer(tokenizer)
+        sp = load_tokenizer(tokenizer).processor
         docs, stats = read_corpus(CorpusConfig(max_docs=args.max_docs), progress=False)
         chars = sum(len(d.text) for d in docs)
         print(f"corpus: {stats.documents} documents, {chars:,} characters ({stats.description})")

@@ -79,8 +79,9 @@ from data_prep.faiss_index import (  # noqa: E402
 )
 from data_prep.retrieval import Corpus, NeighboursConfig, find_neighbours  # noqa: E402
 from data_prep.shards import ShardsConfig, write_shards  # noqa: E402
-from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer  # noqa: E402
+from data_prep.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
 from zarvan_dist.data.reader import WindowReader  # noqa: E402
+from zarvan_dist.tokenizer import load_tokenizer  # noqa: E402
 
 TOKENIZER = ROOT / "data" / "quickstart-tokenizer.model"
 # Chunks the planned prefix of documents is expected to give, over the request: the estimate
@@ -145,7 +146,7 @@ def write_corpus(jsonl: Path, inputs: list[str], extensions: list[str], seed: in
 
 def tokens_per_byte(jsonl: Path, tokenizer: str, sample_bytes: int = 4_000_000) -> float:
     """Tokens (BOS included) per UTF-8 byte over the corpus's first documents (a random sample)."""
-    sp, _ = load_tokenizer(tokenizer)
+    sp = load_tokenizer(tokenizer).processor
     texts, size = [], 0
     with open(jsonl, encoding="utf-8") as f:
         for line in f:

@@ -18,6 +18,7 @@ from zarvan_dist.config import ConfigError
 from zarvan_dist.data.manifest import SPLITS
 from zarvan_dist.data.reader import WindowReader
 from zarvan_dist.data.shards import DatasetError
+from zarvan_dist.tokenizer import TokenizerError
 
 
 def _corpus_parser() -> argparse.ArgumentParser:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (DataPrepError, ConfigError, DatasetError) as exc:
+    except (DataPrepError, ConfigError, DatasetError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # the system's own message names the file (no space, no permission, ...)

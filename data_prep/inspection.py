@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
 from data_prep import DataPrepError
-from data_prep.tokenizer import load_tokenizer
 from zarvan_dist.data.manifest import SPLITS
 from zarvan_dist.data.reader import WindowReader
+from zarvan_dist.tokenizer import check_tokenizer, load_tokenizer
 
 
 def describe_dataset(reader: WindowReader) -> str:
@@ -41,9 +39,9 @@ def show_window(reader: WindowReader, split: str, window: int, ids: bool = False
     m = reader.manifest
     if not 0 <= window < m.split(split).windows:
         raise DataPrepError(f"window {window} out of range: split {split} has {m.split(split).windows} windows")
-    sp, model = load_tokenizer(reader.url(m.tokenizer.path))
-    if hashlib.sha256(model).hexdigest() != m.tokenizer.sha256:
-        raise DataPrepError(f"{reader.url(m.tokenizer.path)}: sha256 differs from the manifest's")
+    tokenizer = load_tokenizer(reader.url(m.tokenizer.path))
+    check_tokenizer(tokenizer, m.vocab_size, m, reader.root)
+    sp = tokenizer.processor
     shard, offset = m.locate(split, window)
     tokens = reader.read(split, window)
     text = []

@@ -34,7 +34,6 @@ from tqdm import tqdm
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, CorpusStats, Document, read_corpus, seeded_permutation
 from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic
-from data_prep.tokenizer import encode_documents, load_tokenizer
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import (
     FORMAT,
@@ -49,6 +48,7 @@ from zarvan_dist.data.manifest import (
     dtype_for_vocab,
 )
 from zarvan_dist.data.shards import pack_shard, sample_bytes
+from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 
 TOKENIZER_NAME = "tokenizer.model"
 # Default shard size: about 2**25 tokens (64 MiB at uint16).
@@ -164,8 +164,9 @@ def write_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
     were kept from an earlier run, the corpus stats, tokens encoded by this run and seconds.
     """
     start = time.perf_counter()
-    sp, model = load_tokenizer(cfg.tokenizer)
-    vocab_size = sp.get_piece_size()
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    sp, model = tokenizer.processor, tokenizer.data
+    vocab_size = tokenizer.vocab_size
     dtype = dtype_for_vocab(vocab_size)
     docs, stats = read_corpus(cfg.corpus, progress)
     splits = split_documents(docs, cfg.seed, cfg.val_fraction)
@@ -183,7 +184,7 @@ def write_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
         "val_fraction": cfg.val_fraction,
         "seq_len": cfg.seq_len,
         "windows_per_shard": cfg.windows_per_shard,
-        "tokenizer_sha256": hashlib.sha256(model).hexdigest(),
+        "tokenizer_sha256": tokenizer.sha256,
         "corpus_sha256": corpus_sha256(docs),
     }))
     fs, root = filesystem(cfg.out)

@@ -1,34 +1,27 @@
-"""The sentencepiece tokenizer: lossless training set-up, loading, and batch encoding of documents.
+"""The ``tokenizer`` job: train a lossless sentencepiece model on a seeded sample of the corpus.
 
-The model never changes text before splitting it (identity normalisation, whitespace kept as is,
-no dummy prefix) and spells any character outside its vocabulary as UTF-8 byte pieces, so
-``decode(encode_documents(text)) == text`` for every string. Ids: UNK 0, BOS 1, EOS 2, PAD 3.
+The set-up (identity normalisation, whitespace kept, byte fallback, ids UNK 0, BOS 1, EOS 2, PAD 3)
+is the one ``zarvan_dist.tokenizer`` loads and checks; loading and encoding live there.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
-import fsspec
-import numpy as np
 import sentencepiece as spm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, read_corpus, seeded_permutation
 from data_prep.storage import filesystem, put_atomic
 from zarvan_dist.config import ConfigError
+from zarvan_dist.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode_documents, tokenizer_from_bytes
 
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # sentencepiece skips training sentences longer than max_sentence_length bytes; documents are cut
 # into pieces of at most this size for training so that none is dropped.
 TRAIN_PIECE_BYTES = 4096
-# sentencepiece turns every space into U+2581 and decodes U+2581 back to a space, so a literal
-# U+2581 in the text would come back as a space; it is spelled as its UTF-8 byte pieces instead.
-_META = "\u2581"
 # A trained model must give back this many sampled documents exactly before it is written.
 _CHECKED_DOCS = 64
 # sentencepiece's trained model depends on its thread count, so the default is a fixed number
@@ -133,15 +126,15 @@ def train_tokenizer(cfg: TokenizerConfig, progress: bool = True) -> dict:
             f"sentencepiece could not train a {cfg.model_type} model of vocab size {cfg.vocab_size} "
             f"on {size} bytes: {exc}"
         ) from None
-    data = model.getvalue()
-    sp = _processor(data, cfg.out)
+    tokenizer = tokenizer_from_bytes(model.getvalue(), cfg.out)
+    sp = tokenizer.processor
     for text in sample[:_CHECKED_DOCS]:
         if sp.decode(encode_documents(sp, [text], "uint32")[0].tolist()) != text:
             raise DataPrepError(f"the trained model does not reproduce a sampled document; not writing {cfg.out}")
-    put_atomic(*filesystem(cfg.out), data)
+    put_atomic(*filesystem(cfg.out), tokenizer.data)
     return {
         "out": cfg.out,
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": tokenizer.sha256,
         "corpus": stats,
         "sample_documents": len(sample),
         "sample_bytes": size,
@@ -149,51 +142,3 @@ def train_tokenizer(cfg: TokenizerConfig, progress: bool = True) -> dict:
         "model_type": cfg.model_type,
         "seconds": time.perf_counter() - start,
     }
-
-
-def load_tokenizer(url: str) -> tuple[spm.SentencePieceProcessor, bytes]:
-    """The processor and raw bytes of the model at ``url``, checked to be a lossless set-up."""
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except (OSError, ValueError) as exc:
-        raise DataPrepError(f"cannot read tokenizer {url}: {exc}") from None
-    return _processor(data, url), data
-
-
-def _processor(data: bytes, url: str) -> spm.SentencePieceProcessor:
-    try:
-        sp = spm.SentencePieceProcessor(model_proto=data)
-    except (RuntimeError, OSError) as exc:
-        raise DataPrepError(f"{url}: not a sentencepiece model: {exc}") from None
-    ids = (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id())
-    if ids != (UNK_ID, BOS_ID, EOS_ID, PAD_ID):
-        raise DataPrepError(f"{url}: special ids (unk, bos, eos, pad) are {ids}, expected (0, 1, 2, 3)")
-    if not all(sp.is_byte(sp.piece_to_id(f"<0x{b:02X}>")) for b in range(256)):
-        raise DataPrepError(f"{url}: the model has no byte fallback, so it cannot encode every text")
-    return sp
-
-
-def encode_documents(sp: spm.SentencePieceProcessor, texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Encode documents, each led by BOS, in one batch call.
-
-    Returns (tokens, lengths): tokens is the (sum(lengths),) concatenation in ``dtype``; lengths is
-    the (len(texts),) int64 token count of each document, its BOS included.
-    """
-    arrays = sp.encode(texts, add_bos=True, num_threads=1, out_type="numpy")
-    for i, text in enumerate(texts):
-        if _META in text:
-            arrays[i] = _encode_with_literal_meta(sp, text)
-    lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-    return np.concatenate(arrays, dtype=dtype, casting="unsafe"), lengths
-
-
-def _encode_with_literal_meta(sp: spm.SentencePieceProcessor, text: str) -> np.ndarray:
-    meta = [sp.piece_to_id(f"<0x{b:02X}>") for b in _META.encode("utf-8")]
-    ids = [BOS_ID]
-    for k, part in enumerate(text.split(_META)):
-        if k:
-            ids += meta
-        ids += sp.encode(part)
-    return np.asarray(ids, dtype=np.int32)
-

@@ -40,7 +40,6 @@ import torch.nn.functional as F
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, read_corpus
-from data_prep.tokenizer import encode_documents, load_tokenizer
 from pretrain.train import Trainer, reset_rows
 from zarvan_dist.config import ConfigError, apply_overrides, load_yaml
 from zarvan_dist.data import SPLITS, DatasetError, LaneLayout
@@ -48,6 +47,7 @@ from zarvan_dist.data.loader import LaneLoader
 from zarvan_dist.data.manifest import dataset_root
 from zarvan_dist.models import RecurrentState
 from zarvan_dist.ops.segments import last_reset_index, segment_positions
+from zarvan_dist.tokenizer import TokenizerError, encode_documents, load_tokenizer
 from zarvan_dist.training.checkpoint import CheckpointError, resolve_checkpoint
 from zarvan_dist.training.config import RunConfig
 
@@ -238,8 +238,9 @@ def evaluate_text(trainer: Trainer, inputs: list[str], tokenizer: str | None, ro
     manifest = trainer.manifest
     url = tokenizer or f"{dataset_root(trainer.cfg.data.dir)}/{manifest.tokenizer.path}"
     try:
-        sp, data = load_tokenizer(url)
-    except DataPrepError as exc:
+        loaded = load_tokenizer(url)
+        sp, data = loaded.processor, loaded.data
+    except TokenizerError as exc:
         if tokenizer:
             raise
         raise DataPrepError(f"{exc}; name the run's tokenizer with --tokenizer") from None
@@ -341,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_text(trainer, args.text, args.tokenizer, rows, args.seq_len, args.carry, args.bands)
         else:
             result = evaluate_split(trainer, split, rows, args.steps, args.carry, args.bands)
-    except (ConfigError, DatasetError, CheckpointError, DataPrepError, ValueError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, DataPrepError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     step = json.loads((path / "trainer.json").read_text())["step"]

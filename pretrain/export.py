@@ -37,11 +37,10 @@ from pathlib import Path
 import yaml
 from safetensors.torch import save_model
 
-from data_prep import DataPrepError
-from data_prep.tokenizer import load_tokenizer
 from zarvan_dist.config import ConfigError
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.models import ModelConfig, build_model
+from zarvan_dist.tokenizer import TokenizerError, load_tokenizer
 from zarvan_dist.training.checkpoint import CheckpointError, load_weights, resolve_checkpoint, write_json
 
 FORMATS = ("native", "hf")
@@ -145,8 +144,9 @@ def run_tokenizer(config: dict, model_cfg: ModelConfig, tokenizer: str | None) -
     elif manifest is None:
         print(f"note: {why}; the tokenizer is not checked against it", file=sys.stderr)
     try:
-        sp, data = load_tokenizer(tokenizer)
-    except DataPrepError as exc:
+        loaded = load_tokenizer(tokenizer)
+        sp, data = loaded.processor, loaded.data
+    except TokenizerError as exc:
         raise ExportError(f"{exc}" + ("" if explicit else "; pass --tokenizer")) from None
     if sp.get_piece_size() > model_cfg.vocab_size or (manifest is not None and sp.bos_id() != manifest.bos_id):
         raise ExportError(f"tokenizer {tokenizer}: {sp.get_piece_size()} pieces, BOS {sp.bos_id()}; the model reads "

@@ -50,11 +50,11 @@ import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from data_prep.tokenizer import encode_documents
 from zarvan_dist.config import ConfigError
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.generation import Context, check_sampling, decode, read
 from zarvan_dist.models import CausalLM, ModelConfig, build_model
+from zarvan_dist.tokenizer import encode_documents
 from zarvan_dist.training.checkpoint import CheckpointError, load_weights, weights_source
 
 STATE_FORMAT = "zarvan-generation-state"

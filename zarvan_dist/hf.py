@@ -21,7 +21,7 @@ starts with BOS); a left-padded batch is reset before each row's first real toke
 nothing. Right padding, ``inputs_embeds``, retrieval neighbours and assisted decoding are not supported.
 
 The tokenizer is the project's sentencepiece model encoding exactly as ``data_prep`` did for
-training (``data_prep.tokenizer.encode_documents``: a literal U+2581 is spelled in bytes, text that
+training (``zarvan_dist.tokenizer.encode_documents``: a literal U+2581 is spelled in bytes, text that
 looks like ``<s>`` is plain text), so ``decode(encode(text), skip_special_tokens=True) == text``.
 """
 
@@ -51,9 +51,9 @@ CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ el
 """The name transformers gives the cache in model inputs and outputs (``cache`` from 5.2x, before that
 ``past_key_values``); forward and prepare_inputs_for_generation take either."""
 
-from data_prep.tokenizer import encode_documents
 from zarvan_dist.models import ModelConfig, RecurrentState, build_model
 from zarvan_dist.models.common import CausalLM
+from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 
 MODEL_TYPE = "zarvan_dist"
 # where the wrapped CausalLM's weights live in the HF state dict (ZarvanDistForCausalLM.model)
@@ -207,7 +207,7 @@ class ZarvanDistForCausalLM(PreTrainedModel, GenerationMixin):
 class ZarvanDistTokenizer(PreTrainedTokenizer):
     """The project's sentencepiece tokenizer; ``tokenizer(text)`` gives [BOS] + the ids training saw.
 
-    Pieces come from ``data_prep.tokenizer.encode_documents``, so the ids are exactly those of the
+    Pieces come from ``zarvan_dist.tokenizer.encode_documents``, so the ids are exactly those of the
     shards; special-token text in the input is never turned into a special id (``split_special_tokens``).
     ``decode(ids, skip_special_tokens=True)`` is sentencepiece's decode, the inverse of the encoding.
     """
@@ -217,7 +217,7 @@ class ZarvanDistTokenizer(PreTrainedTokenizer):
 
     def __init__(self, vocab_file: str, **kwargs: Any) -> None:
         self.vocab_file = vocab_file
-        self.sp_model = spm.SentencePieceProcessor(model_file=str(vocab_file))
+        self.sp_model = load_tokenizer(str(vocab_file)).processor  # the checks every job makes
         sp = self.sp_model
         for name, index in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()), ("unk_token", sp.unk_id()),
                             ("pad_token", sp.pad_id())):

@@ -12,7 +12,7 @@ import pytest
 import data_prep.shards as shards_module
 from data_prep import DataPrepError
 from data_prep.shards import PROGRESS_NAME
-from data_prep.tokenizer import encode_documents, load_tokenizer
+from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 from prep_helpers import SEQ_LEN, WINDOWS_PER_SHARD, corpus_files, expected_documents, read_tree
 from zarvan_dist.data import SPLITS, Manifest, WindowReader
 
@@ -29,7 +29,7 @@ def test_round_trip_gives_back_every_document(make_shards, tmp_path, tokenizer_p
     summary = make_shards(out)
     reader = WindowReader(str(out))
     m = reader.manifest
-    sp, _ = load_tokenizer(tokenizer_path)
+    sp = load_tokenizer(tokenizer_path).processor
     texts = expected_documents(corpus_files())
     assert summary["corpus"].documents == len(texts)
     assert summary["corpus"].undecodable_documents == 2  # invalid.txt and the lone surrogate

@@ -10,15 +10,9 @@ import sentencepiece as spm
 from data_prep import DataPrepError
 from data_prep.__main__ import main
 from data_prep.corpus import CorpusConfig
-from data_prep.tokenizer import (
-    TRAIN_PIECE_BYTES,
-    TokenizerConfig,
-    encode_documents,
-    load_tokenizer,
-    train_tokenizer,
-    training_pieces,
-)
+from data_prep.tokenizer import TRAIN_PIECE_BYTES, TokenizerConfig, train_tokenizer, training_pieces
 from zarvan_dist.config import ConfigError
+from zarvan_dist.tokenizer import TokenizerError, encode_documents, load_tokenizer
 
 TRICKY = [
     "plain prose. Two  spaces, trailing   ",
@@ -36,7 +30,7 @@ TRICKY = [
 
 
 def test_decode_of_encode_is_identity(tokenizer_path):
-    sp, _ = load_tokenizer(tokenizer_path)
+    sp = load_tokenizer(tokenizer_path).processor
     tokens, lengths = encode_documents(sp, TRICKY, "uint16")
     assert lengths.sum() == len(tokens)
     start = 0
@@ -49,7 +43,7 @@ def test_decode_of_encode_is_identity(tokenizer_path):
 
 
 def test_special_ids(tokenizer_path):
-    sp, _ = load_tokenizer(tokenizer_path)
+    sp = load_tokenizer(tokenizer_path).processor
     assert (sp.unk_id(), sp.bos_id(), sp.eos_id(), sp.pad_id()) == (0, 1, 2, 3)
     assert sp.get_piece_size() == 400
 
@@ -78,7 +72,7 @@ def test_unigram_is_selectable_and_lossless(tmp_path, corpus_dir):
     summary = train_tokenizer(TokenizerConfig(out=str(out), vocab_size=400, model_type="unigram",
                                               corpus=CorpusConfig(inputs=[str(corpus_dir)])), progress=False)
     assert summary["model_type"] == "unigram"
-    sp, _ = load_tokenizer(str(out))
+    sp = load_tokenizer(str(out)).processor
     tokens, _ = encode_documents(sp, TRICKY[:5], "uint16")
     assert sp.decode(tokens.tolist()) == "".join(TRICKY[:5])
 
@@ -88,7 +82,7 @@ def test_cli_is_deterministic_and_writes_through_fsspec(tmp_path, corpus_dir, me
     assert main(["tokenizer", "--input", str(corpus_dir), "--vocab-size", "400", "--out", str(local), "--quiet"]) == 0
     remote = f"{memory_root}/tokenizer.model"
     assert main(["tokenizer", "--input", str(corpus_dir), "--vocab-size", "400", "--out", remote, "--quiet"]) == 0
-    _, data = load_tokenizer(remote)
+    data = load_tokenizer(remote).data
     assert hashlib.sha256(data).digest() == hashlib.sha256(local.read_bytes()).digest()
 
 
@@ -97,7 +91,7 @@ def test_model_without_byte_fallback_is_refused(tmp_path):
     prefix = str(tmp_path / "plain")
     spm.SentencePieceTrainer.train(input=str(tmp_path / "c.txt"), model_prefix=prefix, vocab_size=30,
                                    bos_id=1, eos_id=2, pad_id=3, unk_id=0, minloglevel=2)
-    with pytest.raises(DataPrepError, match=r"plain\.model: the model has no byte fallback"):
+    with pytest.raises(TokenizerError, match=r"plain\.model: the model has no byte fallback"):
         load_tokenizer(prefix + ".model")
 
 

@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data_prep.corpus import CorpusConfig  # noqa: E402
-from data_prep.tokenizer import TokenizerConfig, encode_documents, load_tokenizer, train_tokenizer  # noqa: E402
+from data_prep.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
+from zarvan_dist.tokenizer import encode_documents, load_tokenizer  # noqa: E402
 from pretrain.export import main  # noqa: E402
 from pretrain.generate import main as generate_main  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
@@ -140,7 +141,7 @@ def test_trust_remote_code_loads_the_copied_module(tokenizer_model, tiny_config,
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert all(m.startswith("transformers_modules.") and m.endswith(".hf") for m in result["classes"])
-    sp, _ = load_tokenizer(str(tmp_path / "hf" / "tokenizer.model"))
+    sp = load_tokenizer(str(tmp_path / "hf" / "tokenizer.model")).processor
     ids = encode_documents(sp, [text], "int64")[0]
     assert result["ids"] == ids.tolist()
     with torch.no_grad():
@@ -180,7 +181,7 @@ def test_left_padded_batch_generates_each_prompt_as_alone(arch, tiny_export, one
 def test_tokenizer_encodes_like_the_shards_and_decodes_losslessly(tokenizer_model, tiny_config, tmp_path, one_thread):
     model = build_model(tiny_config("zarvan", vocab_size=VOCAB))
     write_hf(model, tmp_path / "hf", tokenizer=tokenizer_model)
-    sp, _ = load_tokenizer(str(tmp_path / "hf" / "tokenizer.model"))
+    sp = load_tokenizer(str(tmp_path / "hf" / "tokenizer.model")).processor
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")  # trust_remote_code: see the test above
     for text in TEXTS:
         ids = tok(text)["input_ids"]

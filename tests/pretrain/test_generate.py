@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file, save_model
 from data_prep.corpus import CorpusConfig
 from data_prep.shards import ShardsConfig, write_shards
 from data_prep.tokenizer import TokenizerConfig, train_tokenizer
-from data_prep.tokenizer import encode_documents
+from zarvan_dist.tokenizer import encode_documents
 from pretrain.generate import TextStream, encode_prompts, main
 from run_helpers import ROOT, trainer_env
 from zarvan_dist import ARCHS, ModelConfig, build_model
