@@ -1,8 +1,11 @@
 """Neighbour sidecars: the reader gives back what was written, refuses another dataset's sidecar, and
-the lane loader hands every row the neighbours of exactly the window it hands it tokens for."""
+the lane loader hands every row the neighbours of exactly the window it hands it tokens for. The
+streaming errors of the sidecar reader and the token reader (one shared shard stream) name the file."""
 
 from __future__ import annotations
 
+import re
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import torch
 
 from tests.pretrain.token_data import random_documents, write_neighbour_sidecar, write_token_dataset
 from zarvan_dist.config import ConfigError
-from zarvan_dist.data import LaneLayout, NeighbourReader, WindowReader
+from zarvan_dist.data import DatasetError, LaneLayout, NeighbourReader, WindowReader
 from zarvan_dist.data.loader import LaneBatch, LaneLoader
 
 SEQ_LEN, VOCAB, WINDOWS_PER_SHARD = 16, 64, 10
@@ -63,6 +66,42 @@ def test_a_sidecar_of_another_dataset_is_refused_naming_both(dataset, tmp_path):
         with pytest.raises(ConfigError) as caught:
             refuse()
         assert str(sidecar) in str(caught.value) and str(other) in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["tokens", "neighbours"])
+def test_streaming_errors_name_the_shard_window_and_listing(dataset, tmp_path, kind):
+    tokens, sidecar, written = dataset
+    copy = tmp_path / "tokens"
+    shutil.copytree(tokens, copy)
+    if kind == "tokens":
+        shards, listing, label = copy / "train", "manifest", "split train"
+        reader = WindowReader(str(copy))
+        stride = reader.manifest.sample_bytes
+    else:
+        shards, listing = copy / sidecar.relative_to(tokens) / "train", "neighbour manifest"
+        reader = NeighbourReader(str(copy / sidecar.relative_to(tokens)))
+        label, stride = f"{reader.root}: split train", reader.manifest.sample_bytes
+    n = len(written["train"][0])
+    last = shards / f"shard-{(n - 1) // WINDOWS_PER_SHARD:06d}.tar"
+    original = {p: p.read_bytes() for p in (shards / "shard-000000.tar", shards / "shard-000001.tar", last)}
+
+    def fails(start: int, pattern: str) -> None:
+        with pytest.raises(DatasetError, match=pattern):
+            list(reader.iter_windows("train", start))
+        for path, data in original.items():
+            path.write_bytes(data)
+
+    (shards / "shard-000001.tar").unlink()
+    fails(3, rf"{re.escape(str(shards))}/shard-000001\.tar: shard listed in the {listing} is missing")
+    (shards / "shard-000000.tar").write_bytes(original[shards / "shard-000001.tar"])
+    fails(3, r"shard-000000\.tar sample 000000000013: expected window 3 with field")
+    # cut inside window 12's first payload: the error comes while window 11's sample is still open
+    (shards / "shard-000001.tar").write_bytes(original[shards / "shard-000001.tar"][:2 * stride + 512 + 50])
+    fails(WINDOWS_PER_SHARD + 1, rf"{re.escape(label)}, reading window {WINDOWS_PER_SHARD + 1}: .*shard-000001\.tar")
+    last.write_bytes(original[last][:(n - 1) % WINDOWS_PER_SHARD * stride])  # its last sample gone
+    fails(WINDOWS_PER_SHARD, rf"{re.escape(label)}: shards held {n - WINDOWS_PER_SHARD - 1} windows from window "
+                             rf"{WINDOWS_PER_SHARD}, the {listing} says {n - WINDOWS_PER_SHARD}")
+    assert len(list(reader.iter_windows("train", WINDOWS_PER_SHARD))) == n - WINDOWS_PER_SHARD
 
 
 def _take(tokens: Path, layout: LaneLayout, steps: int, **kw) -> list[LaneBatch]:

@@ -34,6 +34,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS, Manifest, dataset_root, manifest_url, read_text
+from zarvan_dist.data.reader import check_sample, iter_shard_samples
 from zarvan_dist.data.shards import DatasetError, sample_key
 
 FORMAT = "zarvan-neighbour-shards"
@@ -250,12 +251,10 @@ class NeighbourReader:
         samples = list(group_by_keys(tar_file_expander([{"url": where, "stream": io.BytesIO(block + bytes(1024))}])))
         if len(samples) != 1:
             raise DatasetError(f"{where}: sample {offset} is not one complete sample")
-        return self._decode(samples[0], window, where)
+        check_sample(samples[0], window, (IDS_FIELD, DIST_FIELD), where)
+        return self._arrays(samples[0], where)
 
-    def _decode(self, sample: dict, window: int, where: str) -> tuple[np.ndarray, np.ndarray]:
-        if sample["__key__"] != sample_key(window) or IDS_FIELD not in sample or DIST_FIELD not in sample:
-            raise DatasetError(f"{where}: expected window {window} with fields {IDS_FIELD} and {DIST_FIELD}, "
-                               f"found key {sample['__key__']!r}")
+    def _arrays(self, sample: dict, where: str) -> tuple[np.ndarray, np.ndarray]:
         return (_unpack(sample[IDS_FIELD], self.ids_shape, "int32", where),
                 _unpack(sample[DIST_FIELD], self.dist_shape, "float32", where))
 
@@ -266,27 +265,8 @@ class NeighbourReader:
         if start == entry.windows:
             return
         first, offset = self._shard_at(split, start)
-        stride = self.manifest.sample_bytes
-
-        def streams() -> Iterator[dict]:
-            for k, shard in enumerate(entry.shards[first:]):
-                url = f"{self.root}/{shard.path}"
-                try:
-                    stream = self.fs.open(f"{self._root_path}/{shard.path}", "rb")
-                except FileNotFoundError:
-                    raise DatasetError(f"{url}: shard listed in the neighbour manifest is missing") from None
-                with stream:
-                    if k == 0 and offset:
-                        stream.seek(offset * stride)
-                    yield {"url": url, "stream": stream}
-
-        window = start
-        try:
-            for sample in group_by_keys(tar_file_expander(streams())):
-                yield self._decode(sample, window, f"{sample['__url__']} sample {sample['__key__']}")
-                window += 1
-        except (tarfile.TarError, OSError) as exc:
-            raise DatasetError(f"{self.root}: split {split}, reading the neighbours of window {window}: {exc}") from None
-        if window != entry.windows:
-            raise DatasetError(f"{self.root}: split {split}: shards held {window - start} windows from window "
-                               f"{start}, the manifest says {entry.windows - start}")
+        shards = [(f"{self.root}/{s.path}", f"{self._root_path}/{s.path}") for s in entry.shards[first:]]
+        samples = iter_shard_samples(self.fs, shards, offset, self.manifest.sample_bytes, start, entry.windows,
+                                     (IDS_FIELD, DIST_FIELD), "neighbour manifest", f"{self.root}: split {split}")
+        for where, sample in samples:
+            yield self._arrays(sample, where)

@@ -1,9 +1,13 @@
-"""Read windows of a token-shard dataset from any fsspec URL: one at random, or streamed in order."""
+"""Read windows of a token-shard dataset from any fsspec URL: one at random, or streamed in order.
+
+``iter_shard_samples`` is the streaming half for any fixed-stride tar shards (the token shards here,
+the neighbour sidecar's in ``zarvan_dist.data.neighbours``).
+"""
 
 from __future__ import annotations
 
 import tarfile
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -18,6 +22,52 @@ from zarvan_dist.data.shards import (
     unpack_payload,
     unpack_sample,
 )
+
+
+def check_sample(sample: dict, window: int, fields: Sequence[str], where: str) -> None:
+    """Raise DatasetError naming ``where`` unless the webdataset ``sample`` is ``window``'s with ``fields``."""
+    if sample["__key__"] != sample_key(window) or not all(f in sample for f in fields):
+        raise DatasetError(f"{where}: expected window {window} with field{'s' * (len(fields) > 1)} "
+                           f"{' and '.join(fields)}, found key {sample['__key__']!r}")
+
+
+def iter_shard_samples(fs: fsspec.AbstractFileSystem, shards: Sequence[tuple[str, str]], offset: int,
+                       stride: int, start: int, end: int, fields: Sequence[str], listing: str,
+                       label: str) -> Iterator[tuple[str, dict]]:
+    """The webdataset samples of windows ``start, ..., end - 1``, streamed from tar shards in order.
+
+    shards: (URL, path in ``fs``) of each shard from the one holding window ``start`` on; it is opened
+    at byte ``offset * stride`` (samples are ``stride`` bytes, ``offset`` windows precede ``start``
+    in it), so nothing before ``start`` is read. Yields (where, sample): ``where`` names the shard URL
+    and the sample, for the caller's errors. Every error is a DatasetError: a missing shard names its
+    URL and ``listing``, the file that lists it (e.g. "manifest"); a wrong key or field names the
+    sample and the window expected; a tar error names ``label`` (e.g. "split train") and the window
+    being read; a count other than ``end - start`` names ``label``, ``start`` and ``listing``.
+    """
+
+    def streams() -> Iterator[dict]:
+        for k, (url, path) in enumerate(shards):
+            try:
+                stream = fs.open(path, "rb")
+            except FileNotFoundError:
+                raise DatasetError(f"{url}: shard listed in the {listing} is missing") from None
+            with stream:
+                if k == 0 and offset:
+                    stream.seek(offset * stride)
+                yield {"url": url, "stream": stream}
+
+    window = start
+    try:
+        for sample in group_by_keys(tar_file_expander(streams())):
+            where = f"{sample['__url__']} sample {sample['__key__']}"
+            check_sample(sample, window, fields, where)
+            yield where, sample
+            window += 1
+    except (tarfile.TarError, OSError) as exc:
+        raise DatasetError(f"{label}, reading window {window}: {exc}") from None
+    if window != end:
+        raise DatasetError(f"{label}: shards held {window - start} windows from window {start}, "
+                           f"the {listing} says {end - start}")
 
 
 class WindowReader:
@@ -66,31 +116,8 @@ class WindowReader:
         if start == entry.windows:
             return
         first_shard, offset = m.locate_index(split, start)
-        stride = sample_bytes(m.seq_len, m.dtype)
-
-        def streams() -> Iterator[dict]:
-            for k, shard in enumerate(entry.shards[first_shard:]):
-                url = self.url(shard.path)
-                try:
-                    stream = self.fs.open(self.fs_path(shard.path), "rb")
-                except FileNotFoundError:
-                    raise DatasetError(f"{url}: shard listed in the manifest is missing") from None
-                with stream:
-                    if k == 0 and offset:
-                        stream.seek(offset * stride)
-                    yield {"url": url, "stream": stream}
-
-        samples = group_by_keys(tar_file_expander(streams()))
-        window = start
-        try:
-            for sample in samples:
-                where = f"{sample['__url__']} sample {sample['__key__']}"
-                if sample["__key__"] != sample_key(window) or FIELD not in sample:
-                    raise DatasetError(f"{where}: expected window {window} with field {FIELD}")
-                yield unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
-                window += 1
-        except (tarfile.TarError, OSError) as exc:
-            raise DatasetError(f"split {split}, reading window {window}: {exc}") from None
-        if window != entry.windows:
-            raise DatasetError(f"split {split}: shards held {window - start} windows from window {start}, "
-                               f"manifest says {entry.windows - start}")
+        shards = [(self.url(s.path), self.fs_path(s.path)) for s in entry.shards[first_shard:]]
+        samples = iter_shard_samples(self.fs, shards, offset, sample_bytes(m.seq_len, m.dtype), start,
+                                     entry.windows, (FIELD,), "manifest", f"split {split}")
+        for where, sample in samples:
+            yield unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
