@@ -1,4 +1,4 @@
-"""Zarvan v2 against independent float64 statements of its math (MODELS.md)."""
+"""Zarvan v2 against independent float64 statements of its math (docs/models.md, "Zarvan v2 block")."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from numerics import rel_err
 
 
 def reference_pool(scores, values, initial, reset):
-    """Online softmax one token at a time, float64: the formulas of MODELS.md."""
+    """Online softmax one token at a time, float64: the formulas of docs/models.md, "Zarvan v2 block"."""
     s, v = scores.double(), values.double()
     m, n, d = (x.double().clone() for x in initial)
     outs = []

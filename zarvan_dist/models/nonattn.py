@@ -1,4 +1,4 @@
-"""The non-attention LLM, made a real causal LM (MODELS.md, "Non-attention LLM").
+"""The non-attention LLM, made a real causal LM (docs/models.md, "Non-attention LLM").
 
 Per layer, on x [B, T, E]:
   "S4" block          x <- x + Dropout(W_pw GELU(DepthwiseCausalConv_k(x)))

@@ -1,4 +1,4 @@
-"""SLAM v1 made causal: attention blocks with encoder-fusion (EF) cycles (MODELS.md).
+"""SLAM v1 made causal: attention blocks with encoder-fusion (EF) cycles (docs/models.md, "SLAM v1").
 
 Published form (bidirectional): an initial self-attention block; then ``ef_cycles`` times,
 block A runs on the concatenation [first 60% of positions; last 60%], block B on

@@ -1,4 +1,4 @@
-"""GPT-style attention baselines: ``transformer`` and ``zephyra`` (MODELS.md, Zephyra Fusion).
+"""GPT-style attention baselines: ``transformer`` and ``zephyra`` (docs/models.md, "Zephyra Fusion").
 
 Pre-norm blocks ``x + Attn(LN(x)); x + FFN(LN(x))`` with multi-head sliding-window causal
 attention: a query sees the ``attn_window`` keys up to and including itself, within its own

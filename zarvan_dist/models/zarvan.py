@@ -1,4 +1,4 @@
-"""Zarvan v2: a mixture of three context extractors under an expert gate (MODELS.md).
+"""Zarvan v2: a mixture of three context extractors under an expert gate (docs/models.md, "Zarvan v2 block").
 
 Per block, with a_t = LayerNorm(GELU(W_in x_t)):
   holistic     q_h,t = W_comb (softmax-over-positions pooling of W_v a, one softmax per channel

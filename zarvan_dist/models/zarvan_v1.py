@@ -1,4 +1,4 @@
-"""Zarvan v1: a linear query extractor feeding gated token updates (MODELS.md).
+"""Zarvan v1: a linear query extractor feeding gated token updates (docs/models.md, "Zarvan v1 block").
 
 Per block:
   query        s_t = W_s x_t, v_t = W_v x_t in h heads of D channels; each position takes a
