@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.embedding import make_embedder
-from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, load_journal, put_atomic
+from data_prep.storage import filesystem, intact_prefix, load_journal, put_atomic, save_journal
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS, dataset_root
 from zarvan_dist.data.neighbours import manifest_sha256
@@ -37,8 +36,6 @@ from zarvan_dist.data.reader import WindowReader
 EMBED_FORMAT = "zarvan-chunk-embeddings"
 EMBED_VERSION = 1
 EMBED_MANIFEST = "embeddings.json"
-# Test hook: seconds to sleep after each completed shard, so a test can kill the job mid-run.
-DELAY_ENV = "ZARVAN_DATA_PREP_SHARD_DELAY"
 _WINDOWS_PER_READ = 256
 
 
@@ -320,7 +317,6 @@ def embed_corpus(cfg: EmbedConfig, progress: bool = True) -> dict[str, Any]:
     resume = nexts[kept]
     chunker = DocumentChunker(cfg.chunk_len, man.bos_id, resume["pos"], resume["doc"], resume["doc_start"])
     total_tokens = man.split(cfg.split).windows * man.seq_len + 1
-    delay = float(os.environ.get(DELAY_ENV, "0"))
     buffered: list[ChunkBatch] = []
     held = 0
     done = sum(s.chunks for s in shards)
@@ -351,9 +347,7 @@ def embed_corpus(cfg: EmbedConfig, progress: bool = True) -> dict[str, Any]:
             nxt = ({"pos": int(rest.start[0]), "doc": int(rest.doc[0]), "doc_start": int(rest.doc_start[0])}
                    if len(rest) else {"pos": chunker.pending_start, "doc": chunker.doc, "doc_start": chunker.doc_start})
             nexts.append(nxt)
-            _save_progress(fs, root, job, shards, nexts)
-            if delay:
-                time.sleep(delay)
+            save_journal(fs, root, {"job": job, "shards": [to_dict(s) for s in shards], "next": nexts})
 
     for block in stream_tokens(reader, cfg.split, resume["pos"]):
         got = chunker.feed(block)
@@ -374,9 +368,3 @@ def embed_corpus(cfg: EmbedConfig, progress: bool = True) -> dict[str, Any]:
     embedded = done - sum(s.chunks for s in shards[:kept])
     return {"out": cfg.out, "chunks": done, "shards": len(shards), "kept_shards": kept, "embedded": embedded,
             "seconds": seconds, "chunks_per_s": embedded / max(seconds, 1e-9), "dim": embedder.dim}
-
-
-def _save_progress(fs, root: str, job: dict, shards: list, nexts: list) -> None:
-    state = {"job": job, "shards": [to_dict(s) for s in shards], "next": nexts}
-    put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
-

@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.storage import filesystem
-from zarvan_dist.data.lanes import GOLDEN_GAMMA, splitmix64_mix
 from zarvan_dist.config import ConfigError
+from zarvan_dist.data.hashing import splitmix64_outputs
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 DEFAULT_EXTENSIONS = [
@@ -118,9 +118,7 @@ def seeded_permutation(n: int, seed: int) -> np.ndarray:
     indices sorted by key: plain integer arithmetic, so the order does not depend on a library's
     random-number streams. Returns an (n,) int64 array.
     """
-    with np.errstate(over="ignore"):
-        z = np.uint64(seed % (1 << 64)) + np.arange(1, n + 1, dtype=np.uint64) * GOLDEN_GAMMA
-    return np.argsort(splitmix64_mix(z), kind="stable")
+    return np.argsort(splitmix64_outputs(seed, n), kind="stable")
 
 
 def read_corpus(cfg: CorpusConfig, progress: bool = True) -> tuple[list[Document], CorpusStats]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from data_prep import DataPrepError
-from zarvan_dist.data.lanes import GOLDEN_GAMMA, splitmix64_mix
+from zarvan_dist.data.hashing import splitmix64_mix, splitmix64_outputs
 
 _BIGRAM_SALT = np.uint64(0xD1B54A32D192ED03)
 
@@ -37,10 +37,7 @@ class HashedNgramEmbedder:
         if dim < 1 or hashes < 1:
             raise ValueError(f"dim and hashes must be positive, got dim={dim}, hashes={hashes}")
         self.dim, self.hashes, self.seed, self.bigram_weight = dim, hashes, seed, bigram_weight
-        # one salt per hash function, drawn from splitmix64's stream of the seed
-        with np.errstate(over="ignore"):
-            states = np.uint64(seed) + GOLDEN_GAMMA * np.arange(1, hashes + 1, dtype=np.uint64)
-        self._salts = splitmix64_mix(states)
+        self._salts = splitmix64_outputs(seed, hashes)  # one salt per hash function
 
     @property
     def spec(self) -> dict[str, Any]:

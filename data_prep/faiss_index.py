@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,8 +29,8 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from data_prep.chunks import DELAY_ENV, EMBED_MANIFEST, EmbeddingsManifest, read_embedding_shard
-from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, put_atomic
+from data_prep.chunks import EMBED_MANIFEST, EmbeddingsManifest, read_embedding_shard
+from data_prep.storage import filesystem, intact_prefix, load_journal, put_atomic, save_journal
 from zarvan_dist.config import ConfigError, from_dict, load_yaml, to_dict
 
 INDEX_NAME = "index.faiss"
@@ -331,7 +330,8 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
     out = f"{retrieval.rstrip('/')}/index"
     fs, root = filesystem(out)
     root = root.rstrip("/")
-    state = _journal(fs, root, job)
+    # an index of other settings is replaced without --overwrite: it is derived data, rebuilt from the embeddings
+    state = load_journal(fs, root, out, job, overwrite=True, manifest_name=INDEX_MANIFEST, fresh={"parts": []})
     seconds: dict[str, float] = {}
 
     t = time.perf_counter()
@@ -355,11 +355,10 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
         trained_bytes = serialize(index)
         put_atomic(fs, f"{root}/{TRAINED_NAME}", trained_bytes)
         state = {"job": job, "trained_sha256": hashlib.sha256(trained_bytes).hexdigest(), "parts": []}
-        _save(fs, root, state)
+        save_journal(fs, root, state)
     seconds["train"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    delay = float(os.environ.get(DELAY_ENV, "0"))  # tests: time to kill the job between parts
     parts = [dict(p) for p in state["parts"]]
     kept = intact_prefix(fs, root, [_Part(p["path"], p["sha256"]) for p in parts])
     parts = parts[:kept]
@@ -379,9 +378,7 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
         put_atomic(fs, f"{root}/{rel}", data)
         parts.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "ntotal": int(part.ntotal)})
         state["parts"] = parts
-        _save(fs, root, state)
-        if delay:
-            time.sleep(delay)
+        save_journal(fs, root, state)
     seconds["add"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -435,23 +432,6 @@ def build_index(retrieval: str, cfg: IndexConfig, progress: bool = True) -> Inde
 class _Part:
     path: str
     sha256: str
-
-
-def _journal(fs, root: str, job: dict) -> dict:
-    """The journal of an earlier run of ``job``, or a fresh one (an index of other settings is replaced:
-    it is derived data, rebuilt from the embeddings)."""
-    path = f"{root}/{PROGRESS_NAME}"
-    if fs.exists(path):
-        state = json.loads(fs.cat_file(path))
-        if state.get("job") == job:
-            return state
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
-    return {"job": job, "parts": []}
-
-
-def _save(fs, root: str, state: dict) -> None:
-    put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
 
 
 def load_index(retrieval: str) -> tuple[Any, dict[str, Any]]:

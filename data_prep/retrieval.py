@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,6 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.chunks import (
-    DELAY_ENV,
     EmbeddingsManifest,
     document_keys,
     read_embedding_shard,
@@ -35,7 +33,7 @@ from data_prep.chunks import (
 )
 from data_prep.embedding import make_embedder
 from data_prep.faiss_index import Searcher, load_index, resolve_device
-from data_prep.storage import PROGRESS_NAME, filesystem, intact_prefix, load_journal, put_atomic
+from data_prep.storage import filesystem, intact_prefix, load_journal, put_atomic, save_journal
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS
 from zarvan_dist.data.neighbours import (
@@ -196,7 +194,6 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
     corpus = Corpus(emb_root, emb, progress)
     n_chunks = -(-man.seq_len // cfg.chunk_len)
     stride = sample_bytes(n_chunks, cfg.k, 2 * emb.chunk_len)
-    delay = float(os.environ.get(DELAY_ENV, "0"))
     result: dict[str, Any] = {"out": cfg.out, "splits": {}, "nprobe": nprobe, "device": device}
     splits = {}
     for split in SPLITS:
@@ -221,10 +218,8 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
             done.append(NeighbourShard(rel, count, len(data), hashlib.sha256(data).hexdigest()))
             bos.append(bos[s] + bos_count)
             state["splits"][split], state["bos"][split] = [to_dict(d) for d in done], bos
-            put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
+            save_journal(fs, root, state)
             bar.update(count)
-            if delay:
-                time.sleep(delay)
         bar.close()
         splits[split] = NeighbourSplit(entry.windows, done)
         result["splits"][split] = {"windows": entry.windows, "shards": len(done), "kept_shards": kept}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, CorpusStats, Document, read_corpus, seeded_permutation
-from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic
+from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic, read_journal, save_journal
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import (
     FORMAT,
@@ -59,8 +58,6 @@ _BATCH_DOCS = 4096
 # With several workers, batches shrink towards the end (down to this size) so that no worker
 # idles while another finishes a large last batch; a small split is spread over all workers.
 _MIN_BATCH_CHARS = 1 << 16
-# Test hook: seconds to sleep after each completed shard, so a test can kill the job mid-run.
-_DELAY_ENV = "ZARVAN_DATA_PREP_SHARD_DELAY"
 
 
 @dataclass
@@ -286,7 +283,6 @@ class _Writer:
         self.fs, self.root, self.url = fs, root, url
         self.seq_len, self.windows_per_shard, self.dtype = seq_len, windows_per_shard, dtype
         self.progress = progress
-        self.delay = float(os.environ.get(_DELAY_ENV, "0"))
 
     def put(self, rel: str, data: bytes) -> None:
         put_atomic(self.fs, f"{self.root}/{rel}", data)
@@ -296,15 +292,11 @@ class _Writer:
 
         A manifest or journal of another configuration is refused, or removed under ``overwrite``.
         """
-        for name in (MANIFEST_NAME, PROGRESS_NAME):
-            path = f"{self.root}/{name}"
-            if not self.fs.exists(path):
-                continue
-            try:
-                old = json.loads(self.fs.cat_file(path))["job"]
-            except (ValueError, KeyError, TypeError):
-                old = {}
-            if old != job:
+        journal = read_journal(self.fs, self.root)
+        recorded = {MANIFEST_NAME: self._manifest_job(),
+                    PROGRESS_NAME: None if journal is None else journal.get("job", {})}
+        for name, old in recorded.items():
+            if old is not None and old != job:
                 if not overwrite:
                     diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
                     raise DataPrepError(
@@ -312,11 +304,18 @@ class _Writer:
                         f"{', '.join(diff)}); pass --overwrite to replace that dataset"
                     )
                 self._remove_dataset()
-                break
-        path = f"{self.root}/{PROGRESS_NAME}"
-        if self.fs.exists(path):
-            return from_dict(Progress, json.loads(self.fs.cat_file(path)))
-        return Progress(job=job)
+                return Progress(job=job)
+        return from_dict(Progress, journal) if journal is not None else Progress(job=job)
+
+    def _manifest_job(self) -> dict[str, Any] | None:
+        """The ``job`` of a manifest in the directory ({} where it records none), or None without a manifest."""
+        path = f"{self.root}/{MANIFEST_NAME}"
+        if not self.fs.exists(path):
+            return None
+        try:
+            return json.loads(self.fs.cat_file(path))["job"]
+        except (ValueError, KeyError, TypeError):
+            return {}
 
     def _remove_dataset(self) -> None:
         for name in (MANIFEST_NAME, PROGRESS_NAME, TOKENIZER_NAME, *SPLITS):
@@ -417,9 +416,7 @@ class _Writer:
         split.shards.append(entry)
 
     def _save(self, state: Progress) -> None:
-        self.put(PROGRESS_NAME, (json.dumps(to_dict(state), indent=1) + "\n").encode())
-        if self.delay:
-            time.sleep(self.delay)
+        save_journal(self.fs, self.root, to_dict(state))
 
     def finish(self, state: Progress, splits: dict[str, list[Document]], sp: spm.SentencePieceProcessor,
                model: bytes, tokenizer_url: str, stats: CorpusStats) -> Manifest:

@@ -34,7 +34,21 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 PROGRESS_NAME = "progress.json"
-"""A resumable job's journal in its output directory: its configuration and what is done."""
+"""A resumable job's journal in its output directory: its configuration (under ``"job"``) and what is done."""
+
+
+def read_journal(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, Any] | None:
+    """The journal in ``root`` as ``save_journal`` wrote it, or None where there is none."""
+    path = f"{root}/{PROGRESS_NAME}"
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def save_journal(fs: fsspec.AbstractFileSystem, root: str, state: dict[str, Any]) -> None:
+    """Write the journal ``state`` (JSON data, the job's configuration under ``"job"``) to ``root`` atomically.
+
+    A job saves it after each output file it puts in place, so the journal never names a partial file.
+    """
+    put_atomic(fs, f"{root}/{PROGRESS_NAME}", (json.dumps(state, indent=1) + "\n").encode())
 
 
 def load_journal(fs: fsspec.AbstractFileSystem, root: str, url: str, job: dict[str, Any], overwrite: bool,
@@ -44,9 +58,8 @@ def load_journal(fs: fsspec.AbstractFileSystem, root: str, url: str, job: dict[s
     Output of another configuration (another journal, or a finished ``manifest_name`` without one)
     is refused, naming ``url``, unless ``overwrite``, which removes it.
     """
-    path = f"{root}/{PROGRESS_NAME}"
-    if fs.exists(path):
-        state = json.loads(fs.cat_file(path))
+    state = read_journal(fs, root)
+    if state is not None:
         if state.get("job") == job:
             return state
         if not overwrite:

@@ -10,25 +10,25 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.shards import PROGRESS_NAME
+from data_prep.storage import PROGRESS_NAME
 from prep_helpers import SEQ_LEN, WINDOWS_PER_SHARD, read_tree
+from slow_job import recorded, slow_command
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _command(corpus: Path, tokenizer: str, out: Path) -> list[str]:
+def _args(corpus: Path, tokenizer: str, out: Path) -> list[str]:
     # Exactly the command line of the issue, plus the small shards that make many of them.
-    return [sys.executable, "-m", "data_prep", "shards", "--input", str(corpus), "--tokenizer", tokenizer,
+    return ["shards", "--input", str(corpus), "--tokenizer", tokenizer,
             "--out", str(out), "--seq-len", str(SEQ_LEN), "--workers", "2", "--seed", "0",
             "--val-fraction", "0.1", "--windows-per-shard", str(WINDOWS_PER_SHARD), "--quiet"]
 
 
 def _recorded_shards(out: Path) -> int:
     try:
-        journal = json.loads((out / PROGRESS_NAME).read_text())
+        return recorded(json.loads((out / PROGRESS_NAME).read_text()))
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
-    return len(journal["train"]["shards"]) + len(journal["val"]["shards"])
 
 
 def test_sigkill_then_rerun_is_byte_identical(make_shards, corpus_dir, tokenizer_path, tmp_path):
@@ -37,9 +37,8 @@ def test_sigkill_then_rerun_is_byte_identical(make_shards, corpus_dir, tokenizer
     total = sum(len(s["shards"]) for s in json.loads((ref / "manifest.json").read_text())["splits"].values())
 
     out = tmp_path / "killed"
-    # The test hook sleeps after every shard so the kill lands mid-run.
-    env = dict(os.environ, ZARVAN_DATA_PREP_SHARD_DELAY="0.05")
-    proc = subprocess.Popen(_command(corpus_dir, tokenizer_path, out), cwd=REPO, env=env,
+    # The job sleeps after every journaled shard so the kill lands mid-run.
+    proc = subprocess.Popen(slow_command(0.05, _args(corpus_dir, tokenizer_path, out)), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 120
     while _recorded_shards(out) < 10:
@@ -57,7 +56,8 @@ def test_sigkill_then_rerun_is_byte_identical(make_shards, corpus_dir, tokenizer
     for path in finals:
         assert path.read_bytes() == (ref / path.relative_to(out)).read_bytes(), path
 
-    rerun = subprocess.run(_command(corpus_dir, tokenizer_path, out), cwd=REPO, capture_output=True, text=True)
+    rerun = subprocess.run([sys.executable, "-m", "data_prep", *_args(corpus_dir, tokenizer_path, out)], cwd=REPO,
+                           capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     # the summary's train row: split, documents, tokens, windows, shards, kept, tail
     train = next(line.split() for line in rerun.stdout.splitlines() if line.startswith("train"))

@@ -39,6 +39,7 @@ from data_prep.faiss_index import (
 from data_prep.retrieval import NeighboursConfig, find_neighbours, search_excluding, window_chunks
 from data_prep.shards import ShardsConfig, write_shards
 from prep_helpers import SEQ_LEN, WINDOWS_PER_SHARD, read_tree
+from slow_job import recorded, slow_command
 from zarvan_dist.config import ConfigError
 from zarvan_dist.data.neighbours import NeighbourReader
 from zarvan_dist.data.reader import WindowReader
@@ -351,17 +352,14 @@ def test_same_inputs_give_identical_files(built, tmp_path):
 
 
 def _kill_after_first_shard(cmd: list[str], journal: Path, tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", "retrieval", *cmd, "--quiet"], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "ZARVAN_DATA_PREP_SHARD_DELAY": "30"},
+    # the job sleeps 30 s after each journaled shard (or part): the kill lands after the first
+    proc = subprocess.Popen(slow_command(30, ["retrieval", *cmd, "--quiet"]), cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline:
-        if journal.exists() and json.loads(journal.read_text()).get("job"):
-            state = json.loads(journal.read_text())
-            done = len(state.get("shards", [])) + len(state.get("parts", [])) + sum(
-                len(v) for v in state.get("splits", {}).values())
-            if done:
-                break
+        if journal.exists() and recorded(json.loads(journal.read_text())):
+            break
         assert proc.poll() is None, proc.stderr.read().decode()
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)

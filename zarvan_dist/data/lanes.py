@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from zarvan_dist.data.hashing import splitmix64_outputs
+
 
 @dataclass(frozen=True)
 class LaneLayout:
@@ -51,10 +53,8 @@ class LaneLayout:
         """Window index where lane 0 starts in ``epoch``."""
         if self.rotation_seed is None or epoch == 0:
             return 0
-        # plain integer hashing (splitmix64), so a library upgrade never moves a resumed run's lanes
-        state = np.uint64(((self.rotation_seed << 32) ^ epoch) % (1 << 64))
-        with np.errstate(over="ignore"):
-            return int(splitmix64_mix(state + GOLDEN_GAMMA) % np.uint64(self.num_windows))
+        # plain integer hashing, so a library upgrade never moves a resumed run's lanes
+        return int(splitmix64_outputs((self.rotation_seed << 32) ^ epoch, 1)[0] % np.uint64(self.num_windows))
 
     def rank_rows(self, rank: int, world: int) -> range:
         """The global rows rank ``rank`` of ``world`` reads."""
@@ -84,21 +84,3 @@ class LaneLayout:
         windows = (start + k) % self.num_windows
         reset = np.full(len(rows), k == 0) | ((windows == 0) & (k > 0))
         return windows, reset
-
-
-GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
-"""The splitmix64 increment."""
-
-
-def splitmix64_mix(z: np.ndarray) -> np.ndarray:
-    """The splitmix64 output function on uint64 states ``z`` (any shape): well-mixed 64-bit ints.
-
-    splitmix64's n-th output from ``seed`` is ``splitmix64_mix(seed + n * GOLDEN_GAMMA)``. Plain
-    integer arithmetic, so results never change with a library version (resumed runs rely on it).
-    """
-    z = np.asarray(z, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return z ^ (z >> np.uint64(31))
-
