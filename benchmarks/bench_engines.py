@@ -27,10 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pretrain.train import build_optimizer, next_token_loss, resolve_device, resolve_dtype  # noqa: E402
+from pretrain.train import build_optimizer  # noqa: E402
 from zarvan_dist.models import ModelConfig, build_model  # noqa: E402
 from zarvan_dist.training.config import RunConfig  # noqa: E402
-from zarvan_dist.training.engines import Collective, build_engine, init_distributed  # noqa: E402
+from zarvan_dist.training.engines import (  # noqa: E402
+    Collective,
+    build_engine,
+    init_distributed,
+    resolve_device,
+    resolve_dtype,
+)
+from zarvan_dist.training.evaluate import next_token_loss  # noqa: E402
 from zarvan_dist.training.metrics import memory_gib, peak_tflops  # noqa: E402
 
 ENGINES = {

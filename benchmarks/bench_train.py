@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from pretrain.train import build_optimizer, next_token_loss, resolve_device, resolve_dtype
+from pretrain.train import build_optimizer
 from zarvan_dist.models import ARCHS, ModelConfig, build_model
 from zarvan_dist.training.config import RunConfig
+from zarvan_dist.training.engines import resolve_device, resolve_dtype
+from zarvan_dist.training.evaluate import next_token_loss
 from zarvan_dist.training.metrics import memory_gib, peak_tflops
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"

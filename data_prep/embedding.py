@@ -83,21 +83,25 @@ class CheckpointEmbedder:
     def __init__(self, path: str, device: str = "auto", batch: int = 256, sha256: str | None = None) -> None:
         import torch
 
-        from zarvan_dist.training.checkpoint import CheckpointError, load_source_model, weights_source
+        from zarvan_dist.config import ConfigError
+        from zarvan_dist.training.checkpoint import CheckpointError, open_checkpoint
+        from zarvan_dist.training.engines import resolve_device
 
         self.torch = torch
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if device == "auto" else device)
+        try:
+            self.device = resolve_device(device)
+        except ConfigError as exc:
+            raise DataPrepError(f"--embedder checkpoint:{path}: {exc}") from None
         if sha256 is not None and not Path(path).exists():
             raise DataPrepError(f"the checkpoint the corpus was embedded with, {path}, is gone (a run keeps its "
                                 f"newest checkpoint.keep checkpoints): restore it, or embed the corpus again")
         try:
             # a run directory means its latest checkpoint now: the spec names that one checkpoint
-            resolved = weights_source(path)
-            self.model = load_source_model(resolved, self.device).float()
-        except (CheckpointError, OSError, KeyError) as exc:
+            checkpoint = open_checkpoint(path)
+            self.model = checkpoint.load_model(self.device).float()
+        except (CheckpointError, OSError) as exc:
             raise DataPrepError(f"--embedder checkpoint:{path}: cannot load the model: {exc}") from None
-        self.path, self.batch = str(resolved.resolve()), batch
+        self.path, self.batch = str(checkpoint.path), batch
         self.dim = self.model.config.d_model
         self.sha256 = weights_sha256(self.model)
         if sha256 is not None and sha256 != self.sha256:

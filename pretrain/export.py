@@ -9,16 +9,19 @@ and writes, in one process on the CPU, with ``--format native`` (the default):
     OUT_DIR/config.yaml         the model config (``ModelConfig``), enough to rebuild the model
     OUT_DIR/export.json         source checkpoint, step, engine, tokens seen, parameter count
 
-Load it with ``zarvan_dist.training.checkpoint.load_checkpoint_model(OUT_DIR)`` or build the model
-from ``config.yaml`` and ``safetensors.torch.load_model`` the weights.
+Load it with ``zarvan_dist.training.checkpoint.open_checkpoint(OUT_DIR).load_model()``;
+``pretrain.generate --checkpoint OUT_DIR`` finds the tokenizer through the source checkpoint's dataset.
 
 With ``--format hf`` (needs the ``hf`` extra: transformers) it writes a transformers directory, the
 run's tokenizer included (see ``zarvan_dist.hf``): config.json (the model config, special token ids,
 and this file's export.json fields as ``zarvan_export``), generation_config.json, model.safetensors,
-hf.py, tokenizer.model and tokenizer_config.json. The tokenizer is the sentencepiece model of the
-run's dataset (``data.dir`` of the checkpoint's config), or ``--tokenizer URL``. Load it with
+hf.py, tokenizer.model and tokenizer_config.json. Load it with
 ``AutoModelForCausalLM.from_pretrained(OUT_DIR, trust_remote_code=True)`` and ``AutoTokenizer``
-likewise (or call ``zarvan_dist.hf.register()`` first), or natively with ``zarvan_dist.hf.load_zarvan``.
+likewise (or call ``zarvan_dist.hf.register()`` first), or natively with ``open_checkpoint`` as above.
+
+The transformers export's tokenizer is ``--tokenizer URL``, else the sentencepiece model of the run's
+dataset (``data.dir`` of the checkpoint's config); it is checked as every job checks it (``zarvan_dist.tokenizer.check_tokenizer``:
+the model's vocabulary size, and the sha256 the dataset's manifest recorded).
 
 OUT_DIR must be new or empty; ``--overwrite`` replaces an earlier export there (a directory holding
 export.json or a zarvan_dist config.json). The files are written to a temporary directory beside
@@ -28,7 +31,6 @@ OUT_DIR, which takes its place once complete.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -38,16 +40,22 @@ import yaml
 from safetensors.torch import save_model
 
 from zarvan_dist.config import ConfigError
-from zarvan_dist.data.manifest import Manifest, dataset_root
-from zarvan_dist.models import ModelConfig, build_model
-from zarvan_dist.tokenizer import TokenizerError, load_tokenizer
-from zarvan_dist.training.checkpoint import CheckpointError, load_weights, resolve_checkpoint, write_json
+from zarvan_dist.models import CausalLM, ModelConfig
+from zarvan_dist.training.checkpoint import (
+    CONFIG_FILE,
+    EXPORT_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    is_hf_export,
+    open_checkpoint,
+    write_json,
+)
 
 FORMATS = ("native", "hf")
 
 
 class ExportError(RuntimeError):
-    """The export cannot be written: an output directory in the way, a missing extra or tokenizer."""
+    """The export cannot be written: an output directory in the way, a missing extra, a bad option."""
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, format: str = "native", overwrite: bool = False,
@@ -57,41 +65,43 @@ def export(checkpoint: str | Path, out_dir: str | Path, format: str = "native", 
     if format not in FORMATS:
         raise ExportError(f"format: {format!r} is not one of {list(FORMATS)}")
     if tokenizer is not None and format != "hf":
-        raise ExportError("a tokenizer goes with --format hf")
-    path = resolve_checkpoint(checkpoint)
+        raise ExportError("a tokenizer goes with --format hf (a native export finds the run's through its source)")
+    source = open_checkpoint(checkpoint)
+    if source.is_export:
+        raise ExportError(f"{source.path} is an export already; give the checkpoint it was exported from "
+                          f"({source.info.get('source')})")
     out = Path(out_dir).absolute()
     check_out_dir(out, overwrite)
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    trainer = json.loads((path / "trainer.json").read_text())
-    model_cfg = ModelConfig.from_dict(config["model"])
-    if format == "hf":
-        write_hf = hf_writer(model_cfg)
-        tokenizer, tokenizer_bytes = run_tokenizer(config, model_cfg, tokenizer)
-    model = build_model(model_cfg)
-    load_weights(model, path, "cpu")
+    write_hf = hf_writer(source.model_config) if format == "hf" else None
+    spm_model = source.tokenizer(tokenizer) if format == "hf" else None
+    model = source.load_model("cpu")
     info = {
-        "source": str(path), "step": trainer["step"], "tokens": trainer.get("tokens"),
-        "engine": trainer.get("engine", "single"), "world_size": trainer.get("world_size", 1),
-        "parameters": model.num_params(),
+        "source": str(source.path), "step": source.step, "tokens": source.info.get("tokens"),
+        "engine": source.engine, "world_size": source.info.get("world_size", 1), "parameters": model.num_params(),
     }
     tmp = out.parent / f".tmp-{out.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        if format == "hf":
-            write_hf(model, tmp, tokenizer=tokenizer_bytes, export={**info, "tokenizer": tokenizer})
+        if write_hf is not None:
+            write_hf(model, tmp, tokenizer=spm_model, export={**info, "tokenizer": spm_model.url})
         else:
-            save_model(model, str(tmp / "model.safetensors"))
-            (tmp / "config.yaml").write_text(yaml.safe_dump({"model": config["model"]}, sort_keys=False))
-            write_json(tmp / "export.json", info)
+            write_native(tmp, model, source.config["model"], info)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    return path
+    return source.path
+
+
+def write_native(out: Path, model: CausalLM, model_config: dict, info: dict) -> None:
+    """The native export's files (see the module docstring) in directory ``out``."""
+    save_model(model, str(out / MODEL_FILE))
+    (out / CONFIG_FILE).write_text(yaml.safe_dump({"model": model_config}, sort_keys=False))
+    write_json(out / EXPORT_FILE, info)
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -107,11 +117,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise ExportError(f"{out} is not empty; pass --overwrite to replace the export in it")
-    try:
-        is_hf_export = json.loads((out / "config.json").read_text()).get("model_type") == "zarvan_dist"
-    except (OSError, ValueError, AttributeError):
-        is_hf_export = False
-    if not ((out / "export.json").is_file() or is_hf_export):
+    if not ((out / EXPORT_FILE).is_file() or is_hf_export(out)):
         raise ExportError(f"{out} holds no export (no export.json, no zarvan_dist config.json); not replacing it")
 
 
@@ -124,36 +130,6 @@ def hf_writer(model_cfg: ModelConfig):
     except ImportError as exc:
         raise ExportError(f"--format hf needs transformers (pip install 'zarvan-dist[hf]'): {exc}") from None
     return write_hf
-
-
-def run_tokenizer(config: dict, model_cfg: ModelConfig, tokenizer: str | None) -> tuple[str, bytes]:
-    """The URL and bytes of the sentencepiece model ``tokenizer``, else of the run's dataset (``data.dir``),
-    checked to be lossless and to fit the model."""
-    manifest, why = None, "the checkpoint's config names no data.dir to take the tokenizer from"
-    data_dir = (config.get("data") or {}).get("dir")
-    if data_dir:
-        try:
-            manifest = Manifest.load(data_dir)
-        except (ConfigError, ImportError, OSError, ValueError) as exc:  # e.g. s3:// without s3fs, moved away
-            why = f"the run's dataset: {exc}"
-    explicit = tokenizer is not None
-    if not explicit:
-        if manifest is None:
-            raise ExportError(f"{why}; pass --tokenizer")
-        tokenizer = f"{dataset_root(data_dir)}/{manifest.tokenizer.path}"
-    elif manifest is None:
-        print(f"note: {why}; the tokenizer is not checked against it", file=sys.stderr)
-    try:
-        loaded = load_tokenizer(tokenizer)
-        sp, data = loaded.processor, loaded.data
-    except TokenizerError as exc:
-        raise ExportError(f"{exc}" + ("" if explicit else "; pass --tokenizer")) from None
-    if sp.get_piece_size() > model_cfg.vocab_size or (manifest is not None and sp.bos_id() != manifest.bos_id):
-        raise ExportError(f"tokenizer {tokenizer}: {sp.get_piece_size()} pieces, BOS {sp.bos_id()}; the model reads "
-                          f"a vocabulary of {model_cfg.vocab_size}: not the run's tokenizer")
-    if manifest is not None:
-        manifest.check_tokenizer(tokenizer, data, data_dir)
-    return tokenizer, data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         source = export(args.checkpoint, args.out_dir, args.format, args.overwrite, args.tokenizer)
-    except (ConfigError, CheckpointError, ExportError, OSError, KeyError) as exc:
+    except (ConfigError, CheckpointError, ExportError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"exported {source} -> {args.out_dir} ({args.format})", flush=True)

@@ -39,23 +39,19 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
-import sentencepiece as spm
 import torch
-import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from zarvan_dist.config import ConfigError
-from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.generation import Context, check_sampling, decode, read
-from zarvan_dist.models import CausalLM, ModelConfig, build_model
-from zarvan_dist.tokenizer import encode_documents
-from zarvan_dist.training.checkpoint import CheckpointError, load_weights, weights_source
+from zarvan_dist.models import CausalLM
+from zarvan_dist.tokenizer import BOS_ID, Tokenizer
+from zarvan_dist.training.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from zarvan_dist.training.engines import resolve_device
 
 STATE_FORMAT = "zarvan-generation-state"
 STATE_VERSION = "1"
@@ -65,105 +61,9 @@ class GenerateError(RuntimeError):
     """Bad input: reported as one ``error:`` line and exit status 1."""
 
 
-@dataclass
-class Source:
-    """The model a generation runs: the module, the directory its weights came from, its run config."""
-
-    model: CausalLM
-    path: Path
-    """Checkpoint or export directory, absolute."""
-    step: int | None
-    """Optimizer step of the weights (from trainer.json or export.json)."""
-    config: dict
-    """The checkpoint's config.yaml (an export's holds the model only)."""
-
-    @property
-    def model_sha256(self) -> str:
-        """Hash of the model config: a state is only valid for a model of this config."""
-        text = json.dumps(self.model.config.to_dict(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-
-@dataclass
-class Tokenizer:
-    """The sentencepiece model prompts are encoded with and completions decoded with."""
-
-    processor: spm.SentencePieceProcessor
-    sha256: str
-    bos_id: int
-    path: str
-
-
-def load_source(checkpoint: str, device: torch.device) -> Source:
-    """The model of a checkpoint directory, run directory, checkpoints root or export directory."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise GenerateError(f"checkpoint {checkpoint} does not exist")
-    # resolved once: every load verifies the checkpoint's files against meta.json
-    path = weights_source(path)
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise GenerateError(f"{path / 'config.yaml'}: no model section")
-    model_cfg = ModelConfig.from_dict(config["model"])
-    if not model_cfg.causal:
-        raise GenerateError(f"{path}: a {model_cfg.arch} classifier (causal: false) does not generate")
-    model = build_model(model_cfg).to(device)
-    load_weights(model, path, device)
-    info = path / ("export.json" if (path / "export.json").is_file() else "trainer.json")
-    step = json.loads(info.read_text()).get("step") if info.is_file() else None
-    return Source(model.eval(), path.resolve(), step, config)
-
-
-def _run_dataset(source: Source) -> str | None:
-    """The dataset the checkpoint's run read (``data.dir``), followed from an export to its source."""
-    data = source.config.get("data") or {}
-    if data.get("dir"):
-        return str(data["dir"])
-    export = source.path / "export.json"
-    if export.is_file():
-        origin = Path(json.loads(export.read_text()).get("source") or "")
-        try:
-            return str(yaml.safe_load((origin / "config.yaml").read_text())["data"]["dir"])
-        except (OSError, KeyError, TypeError, yaml.YAMLError):
-            return None
-    return None
-
-
-def load_tokenizer(source: Source, explicit: str | None) -> Tokenizer:
-    """The tokenizer of the run (or ``explicit``), checked against the model and the run's dataset."""
-    data_dir, manifest, why = _run_dataset(source), None, "the checkpoint names no dataset (data.dir)"
-    if data_dir is not None:
-        try:
-            manifest = Manifest.load(data_dir)
-        except (ConfigError, ImportError, OSError, ValueError) as exc:  # e.g. s3:// without s3fs, moved away
-            why = f"the run's dataset is not readable: {exc}"
-    if explicit:
-        url = explicit
-    elif (source.path / "tokenizer.model").is_file():
-        url = str(source.path / "tokenizer.model")
-    elif manifest is not None:
-        url = f"{dataset_root(data_dir)}/{manifest.tokenizer.path}"
-    else:
-        raise GenerateError(f"no tokenizer: {why}; give --tokenizer PATH")
-    try:
-        with fsspec.open(url, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise GenerateError(f"tokenizer {url} does not exist") from None
-    try:
-        processor = spm.SentencePieceProcessor(model_proto=data)
-    except RuntimeError:
-        raise GenerateError(f"tokenizer {url} is not a sentencepiece model") from None
-    if manifest is not None:
-        manifest.check_tokenizer(url, data, data_dir)
-    vocab = source.model.config.vocab_size
-    if processor.get_piece_size() != vocab:
-        raise GenerateError(f"tokenizer {url} has {processor.get_piece_size()} pieces, "
-                            f"the model's vocab_size is {vocab}")
-    bos = manifest.bos_id if manifest is not None else processor.bos_id()
-    if bos < 0:
-        raise GenerateError(f"tokenizer {url} has no BOS piece")
-    return Tokenizer(processor, hashlib.sha256(data).hexdigest(), bos, url)
+def model_sha256(model: CausalLM) -> str:
+    """Hash of the model config: a state is only valid for a model of this config."""
+    return hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def read_prompts(given: list[tuple[str, str]]) -> list[str]:
@@ -184,12 +84,12 @@ def read_prompts(given: list[tuple[str, str]]) -> list[str]:
     return texts
 
 
-def encode_prompts(processor: spm.SentencePieceProcessor, texts: list[str], continued: bool) -> list[torch.Tensor]:
+def encode_prompts(tokenizer: Tokenizer, texts: list[str], continued: bool) -> list[torch.Tensor]:
     """Each text's token ids [n] (int64) as the shards hold a document (``encode_documents``: led by BOS,
     a literal U+2581 in bytes); without the BOS when ``continued`` (text appended to a saved row)."""
     if not texts:
         return []
-    tokens, lengths = encode_documents(processor, texts, "int64")
+    tokens, lengths = tokenizer.encode_documents(texts, "int64")
     return [torch.from_numpy(ids[1:] if continued else ids) for ids in np.split(tokens, np.cumsum(lengths)[:-1])]
 
 
@@ -200,32 +100,32 @@ class TextStream:
     so it is held back until a later token completes it or ``flush``.
     """
 
-    def __init__(self, processor: spm.SentencePieceProcessor) -> None:
-        self.processor = processor
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
         self.ids: list[int] = []
         self.sent = 0
 
     def push(self, token: int) -> str:
         """Add one token; returns the text that became final."""
         self.ids.append(token)
-        text = self.processor.decode(self.ids)
+        text = self.tokenizer.decode(self.ids)
         return "" if text.endswith("\ufffd") else self._take(text)
 
     def flush(self) -> str:
         """The text not handed out yet."""
-        return self._take(self.processor.decode(self.ids))
+        return self._take(self.tokenizer.decode(self.ids))
 
     def _take(self, text: str) -> str:
         out, self.sent = text[self.sent:], len(text)
         return out
 
 
-def state_metadata(source: Source, tokenizer: Tokenizer, context: Context) -> dict[str, str]:
+def state_metadata(checkpoint: Checkpoint, model: CausalLM, tokenizer: Tokenizer, context: Context) -> dict[str, str]:
     """What a state file records of its making (safetensors metadata: strings)."""
     return {
-        "format": STATE_FORMAT, "version": STATE_VERSION, "arch": source.model.config.arch,
-        "model_sha256": source.model_sha256, "checkpoint": str(source.path), "step": json.dumps(source.step),
-        "tokenizer_sha256": tokenizer.sha256, "bos_id": str(tokenizer.bos_id), "rows": str(context.rows),
+        "format": STATE_FORMAT, "version": STATE_VERSION, "arch": model.config.arch,
+        "model_sha256": model_sha256(model), "checkpoint": str(checkpoint.path), "step": json.dumps(checkpoint.step),
+        "tokenizer_sha256": tokenizer.sha256, "bos_id": str(BOS_ID), "rows": str(context.rows),
         "tokens": json.dumps(context.lengths.tolist()),
     }
 
@@ -238,7 +138,7 @@ def save_state(path: str, context: Context, generator: torch.Generator, metadata
     os.replace(tmp, path)
 
 
-def load_state(path: str, source: Source, tokenizer: Tokenizer) -> tuple[Context, torch.Tensor]:
+def load_state(path: str, checkpoint: Checkpoint, model: CausalLM, tokenizer: Tokenizer) -> tuple[Context, torch.Tensor]:
     """The context and generator state saved in ``path``, refused unless made with this model and tokenizer."""
     if not Path(path).is_file():
         raise GenerateError(f"state file {path} does not exist")
@@ -252,38 +152,26 @@ def load_state(path: str, source: Source, tokenizer: Tokenizer) -> tuple[Context
         raise GenerateError(f"{path} is not a generation state (written by python -m pretrain.generate --save-state)")
     if meta.get("version") != STATE_VERSION:
         raise GenerateError(f"{path}: state format version {meta.get('version')}, this reader knows {STATE_VERSION}")
-    arch = source.model.config.arch
-    if meta.get("arch") != arch or meta.get("model_sha256") != source.model_sha256:
+    arch = model.config.arch
+    if meta.get("arch") != arch or meta.get("model_sha256") != model_sha256(model):
         raise GenerateError(f"{path} is the state of another model ({meta.get('arch')} of {meta.get('checkpoint')}), "
-                            f"not of this {arch} model of {source.path}")
-    if meta.get("checkpoint") != str(source.path):
+                            f"not of this {arch} model of {checkpoint.path}")
+    if meta.get("checkpoint") != str(checkpoint.path):
         raise GenerateError(f"{path} was saved with checkpoint {meta.get('checkpoint')} (step {meta.get('step')}), "
-                            f"not {source.path} (step {source.step})")
+                            f"not {checkpoint.path} (step {checkpoint.step})")
     if meta.get("tokenizer_sha256") != tokenizer.sha256:
         saved = str(meta.get("tokenizer_sha256"))[:12]
         raise GenerateError(f"{path} was saved with another tokenizer (sha256 {saved}...) "
-                            f"than {tokenizer.path} (sha256 {tokenizer.sha256[:12]}...)")
+                            f"than {tokenizer.url} (sha256 {tokenizer.sha256[:12]}...)")
     if "generator" not in tensors:
         raise GenerateError(f"{path}: no generator state")
-    device = next(source.model.parameters()).device
+    device = next(model.parameters()).device
     try:
         context = Context.from_tensors(tensors, device)
-        context.check(source.model)
+        context.check(model)
     except ValueError as exc:
         raise GenerateError(f"{path}: {exc}") from None
     return context, tensors["generator"]
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise GenerateError(f"--device {name}: not a device (auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GenerateError(f"--device {name}: CUDA is not available")
-    return device
 
 
 def _preview(text: str, width: int = 40) -> str:
@@ -302,13 +190,16 @@ def run(args: argparse.Namespace) -> None:
     texts = read_prompts(args.prompts)
     if not texts and not args.load_state:
         raise GenerateError("no prompt: give --prompt TEXT or --prompt-file FILE (or --load-state FILE)")
-    source = load_source(args.checkpoint, _device(args.device))
-    tokenizer = load_tokenizer(source, args.tokenizer)
-    sp, bos = tokenizer.processor, tokenizer.bos_id
+    checkpoint = open_checkpoint(args.checkpoint)
+    if not checkpoint.model_config.causal:
+        raise GenerateError(f"{checkpoint.path}: a {checkpoint.model_config.arch} classifier (causal: false) "
+                            f"does not generate")
+    tokenizer = checkpoint.tokenizer(args.tokenizer)
+    model = checkpoint.load_model(resolve_device(args.device))
     generator = torch.Generator()
     context = None
     if args.load_state:
-        context, saved_generator = load_state(args.load_state, source, tokenizer)
+        context, saved_generator = load_state(args.load_state, checkpoint, model, tokenizer)
         if texts and len(texts) != context.rows:
             raise GenerateError(f"{len(texts)} prompts given to continue a state of {context.rows} rows "
                                 f"(give none, or one per row)")
@@ -316,12 +207,12 @@ def run(args: argparse.Namespace) -> None:
             generator.set_state(saved_generator)
     if args.seed is not None or context is None:
         generator.manual_seed(args.seed or 0)
-    rows = encode_prompts(sp, texts, continued=context is not None)
+    rows = encode_prompts(tokenizer, texts, continued=context is not None)
     start = time.perf_counter()
     if rows:
-        context = read(source.model, context, rows, bos, args.prefill_chunk)
+        context = read(model, context, rows, BOS_ID, args.prefill_chunk)
     read_s = time.perf_counter() - start
-    stream = TextStream(sp) if context.rows == 1 else None
+    stream = TextStream(tokenizer) if context.rows == 1 else None
 
     def show(tokens: torch.Tensor) -> None:
         if stream is not None:
@@ -329,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
             sys.stdout.flush()
 
     start = time.perf_counter()
-    new, context = decode(source.model, context, args.max_new_tokens, temperature, top_k, args.top_p, bos,
+    new, context = decode(model, context, args.max_new_tokens, temperature, top_k, args.top_p, BOS_ID,
                           generator, on_token=show)
     decode_s = time.perf_counter() - start
     if stream is not None:
@@ -337,11 +228,11 @@ def run(args: argparse.Namespace) -> None:
     else:
         labels = texts or [f"row {i + 1} of {args.load_state}" for i in range(context.rows)]
         for i, ids in enumerate(new.tolist()):
-            print(f"--- [{i + 1}/{context.rows}] prompt: {_preview(labels[i])} ---\n{sp.decode(ids)}", flush=True)
+            print(f"--- [{i + 1}/{context.rows}] prompt: {_preview(labels[i])} ---\n{tokenizer.decode(ids)}", flush=True)
     if args.save_state:
-        save_state(args.save_state, context, generator, state_metadata(source, tokenizer, context))
+        save_state(args.save_state, context, generator, state_metadata(checkpoint, model, tokenizer, context))
     read_tokens = sum(len(r) for r in rows)
-    print(f"generate: {source.model.config.arch} of {source.path}: read {read_tokens} tokens in {read_s:.2f} s, "
+    print(f"generate: {model.config.arch} of {checkpoint.path}: read {read_tokens} tokens in {read_s:.2f} s, "
           f"generated {new.shape[1]} per row in {decode_s:.2f} s ({new.numel() / max(decode_s, 1e-9):.1f} tokens/s), "
           f"rows at {context.lengths.tolist()} tokens"
           + (f"; state saved to {args.save_state}" if args.save_state else ""), file=sys.stderr)
@@ -382,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
-    except (GenerateError, ConfigError, CheckpointError, ValueError, OSError, yaml.YAMLError) as exc:
+    except (GenerateError, ConfigError, CheckpointError, ValueError, OSError) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1
     return 0

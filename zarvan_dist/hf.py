@@ -11,7 +11,8 @@ A directory written by ``write_hf`` (``python -m pretrain.export --format hf``) 
     tokenizer_config.json    ZarvanDistTokenizer's settings and ``auto_map``                  (with a tokenizer)
 
 Load it with ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` (or call
-``register()`` first and leave out ``trust_remote_code``), and the native model with ``load_zarvan(DIR)``.
+``register()`` first and leave out ``trust_remote_code``), and the native model with
+``zarvan_dist.training.checkpoint.open_checkpoint(DIR).load_model()``.
 
 Generation carries the recurrent state: the first forward reads the prompt, every later one only the
 new token, with the ``RecurrentState`` held in ``past_key_values`` (a ``RecurrentStateCache``), as
@@ -27,14 +28,11 @@ looks like ``<s>`` is plain text), so ``decode(encode(text), skip_special_tokens
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 from transformers import (
     AutoConfig,
@@ -53,11 +51,8 @@ CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ el
 
 from zarvan_dist.models import ModelConfig, RecurrentState, build_model
 from zarvan_dist.models.common import CausalLM
-from zarvan_dist.tokenizer import encode_documents, load_tokenizer
-
-MODEL_TYPE = "zarvan_dist"
-# where the wrapped CausalLM's weights live in the HF state dict (ZarvanDistForCausalLM.model)
-PREFIX = "model."
+from zarvan_dist.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, check_tokenizer, encode_documents, load_tokenizer
+from zarvan_dist.training.checkpoint import HF_MODEL_TYPE, HF_PREFIX
 
 
 class ZarvanDistConfig(PretrainedConfig):
@@ -67,7 +62,7 @@ class ZarvanDistConfig(PretrainedConfig):
     as the trainer did. ``tie_word_embeddings`` follows ``tie_embeddings``.
     """
 
-    model_type = MODEL_TYPE
+    model_type = HF_MODEL_TYPE
 
     def __init__(self, zarvan_model: dict[str, Any] | None = None, bos_token_id: int | None = None,
                  eos_token_id: int | None = None, pad_token_id: int | None = None, **kwargs: Any) -> None:
@@ -116,7 +111,7 @@ class ZarvanDistForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = ZarvanDistConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
-    _tied_weights_keys = {f"{PREFIX}head.weight": f"{PREFIX}embed.weight"}  # used when tie_word_embeddings
+    _tied_weights_keys = {f"{HF_PREFIX}head.weight": f"{HF_PREFIX}embed.weight"}  # used when tie_word_embeddings
     _is_stateful = True  # no assisted decoding: a recurrent state cannot be rolled back
 
     def __init__(self, config: ZarvanDistConfig, model: CausalLM | None = None) -> None:
@@ -293,14 +288,14 @@ ZarvanDistTokenizer.register_for_auto_class("AutoTokenizer")
 
 def register() -> None:
     """Make the Auto classes know ``model_type: zarvan_dist`` (then no ``trust_remote_code`` is needed)."""
-    AutoConfig.register(MODEL_TYPE, ZarvanDistConfig, exist_ok=True)
+    AutoConfig.register(HF_MODEL_TYPE, ZarvanDistConfig, exist_ok=True)
     AutoModelForCausalLM.register(ZarvanDistConfig, ZarvanDistForCausalLM, exist_ok=True)
     AutoTokenizer.register(ZarvanDistConfig, slow_tokenizer_class=ZarvanDistTokenizer, exist_ok=True)
 
 
-def write_hf(model: CausalLM, out_dir: str | Path, tokenizer: bytes | None = None,
+def write_hf(model: CausalLM, out_dir: str | Path, tokenizer: Tokenizer | None = None,
              export: dict[str, Any] | None = None) -> None:
-    """Write ``model`` and, when given, the sentencepiece model ``tokenizer`` (its bytes) as an HF directory.
+    """Write ``model`` and, when given, its ``tokenizer`` (checked to fit it) as an HF directory.
 
     The tokenizer's special ids become the config's ``bos_token_id`` (document starts: the state is
     reset before each), ``eos_token_id`` and ``pad_token_id``. ``export`` (plain data, e.g. the
@@ -310,31 +305,9 @@ def write_hf(model: CausalLM, out_dir: str | Path, tokenizer: bytes | None = Non
     out.mkdir(parents=True, exist_ok=True)
     special: dict[str, int] = {}
     if tokenizer is not None:
-        sp = spm.SentencePieceProcessor(model_proto=tokenizer)
-        if sp.get_piece_size() > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {sp.get_piece_size()} pieces, more than the model's vocab_size "
-                             f"{model.config.vocab_size}")
-        special = {f"{name}_token_id": index for name, index in (("bos", sp.bos_id()), ("eos", sp.eos_id()),
-                                                                  ("pad", sp.pad_id())) if index >= 0}
-        (out / "tokenizer.model").write_bytes(tokenizer)
+        check_tokenizer(tokenizer, model.config.vocab_size)
+        special = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+        (out / "tokenizer.model").write_bytes(tokenizer.data)
         ZarvanDistTokenizer(vocab_file=str(out / "tokenizer.model")).save_pretrained(str(out))
     config = ZarvanDistConfig(zarvan_model=model.config.to_dict(), zarvan_export=export or {}, **special)
     ZarvanDistForCausalLM(config, model).save_pretrained(str(out), max_shard_size=1 << 60)  # one file, unsharded
-
-
-def load_zarvan(path: str | Path, device: torch.device | str = "cpu") -> CausalLM:
-    """The zarvan_dist model of an HF directory (``write_hf``), weights loaded, in eval mode."""
-    path = Path(path)
-    config = json.loads((path / "config.json").read_text())
-    if config.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path / 'config.json'}: model_type is {config.get('model_type')!r}, not {MODEL_TYPE!r}")
-    model = build_model(ModelConfig.from_dict(config["zarvan_model"])).to(device)
-    weights = load_file(str(path / "model.safetensors"), device=str(device))
-    foreign = [k for k in weights if not k.startswith(PREFIX)]
-    missing, unexpected = model.load_state_dict({k[len(PREFIX):]: v for k, v in weights.items()}, strict=False)
-    if model.config.tie_embeddings:  # stored once, as the embedding
-        missing = [k for k in missing if k != "head.weight"]
-    if foreign or missing or unexpected:
-        raise ValueError(f"{path / 'model.safetensors'}: the weights do not fit the config: missing {missing[:5]}, "
-                         f"unexpected {(foreign + unexpected)[:5]}")
-    return model.eval()

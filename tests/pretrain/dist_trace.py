@@ -13,6 +13,7 @@ import os
 import sys
 
 import pretrain.train as train
+import zarvan_dist.training.evaluate as evaluate
 from zarvan_dist.data.loader import LaneLoader
 
 
@@ -63,6 +64,6 @@ if __name__ == "__main__":
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     _RUN_DIR = load_run_config(argv[argv.index("--config") + 1], overrides).run_dir
     os.makedirs(_RUN_DIR, exist_ok=True)
-    train.LaneLoader = TracedLaneLoader
+    train.LaneLoader = evaluate.LaneLoader = TracedLaneLoader  # the train lanes and the val lanes
     _inject_nans()
     sys.exit(train.main(argv))

@@ -159,13 +159,13 @@ def test_loading_a_checkpoint_never_unpickles_code(token_dataset, tmp_path):
         torch.save({"state": {}, "param_groups": _Payload(marker)}, d / "optimizer.pt")
 
     # A checkpoint whose meta.json matches: only the loader stands between the pickle and the code.
-    evil = trainer.checkpointer.save(1, write)
+    evil = trainer.checkpoints.checkpoints.save(1, write)
     verify(evil)
     with pytest.raises(pickle.UnpicklingError, match="weights_only"):
         trainer.resume()
     assert not marker.exists()
     with pytest.raises(pickle.UnpicklingError):
-        trainer.load(evil)
+        trainer.checkpoints.load(evil, trainer.engine, trainer.rows, seed=0)
     assert not marker.exists()
     # The same file unpickled without the guard would have run the code.
     torch.load(evil / "optimizer.pt", weights_only=False)

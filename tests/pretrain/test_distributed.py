@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from run_helpers import ROOT, run_config, trainer_env
 from pretrain.train import REQUEUE_EXIT_CODE
 from zarvan_dist.data import LaneLayout, Manifest
-from zarvan_dist.training.checkpoint import LATEST, checkpoint_name, load_checkpoint_model
+from zarvan_dist.training.checkpoint import LATEST, checkpoint_name, open_checkpoint
 
 STEPS = 8
 ROWS = 4
@@ -236,7 +236,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank_and_leaves_the_weights(t
     run_dir = _run_dir(config)
     records = _train_records(run_dir)
     assert [r["skipped_steps"] for r in records] == [0, 0, 1] and records[2]["loss"] is None
-    before, after = (load_checkpoint_model(run_dir / "checkpoints" / checkpoint_name(s)) for s in (2, 3))
+    before, after = (open_checkpoint(run_dir / "checkpoints" / checkpoint_name(s)).load_model() for s in (2, 3))
     b, a = before.state_dict(), after.state_dict()
     assert all(torch.equal(b[k], a[k]) for k in b), "the skipped step changed weights"
 
@@ -396,8 +396,8 @@ def test_export_gives_a_single_process_model_with_the_same_logits(runs, tmp_path
     assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "export.json"}
     meta = json.loads((out / "export.json").read_text())
     assert meta["step"] == STEPS and meta["world_size"] == 2
-    exported = load_checkpoint_model(out)
-    trained = load_checkpoint_model(single)  # the same training in one process: what the weights must be
+    exported = open_checkpoint(out).load_model()
+    trained = open_checkpoint(single).load_model()  # the same training in one process: what the weights must be
     ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = exported(ids, exported.init_state(2), ids == 1).logits
@@ -417,7 +417,7 @@ def test_a_new_run_starts_from_another_engines_weights(runs, token_dataset, tmp_
     source = runs.get("zero3") / "checkpoints" / checkpoint_name(STEPS)
     config = _new_config(tmp_path / "init", token_dataset)
     trainer = Trainer(load_run_config(config, [f"checkpoint.init_from={source}"]))
-    want = load_checkpoint_model(source).state_dict()
+    want = open_checkpoint(source).load_model().state_dict()
     got = trainer.model.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert trainer.counters.step == 0 and trainer.resume() is None  # weights only: the run itself starts afresh

@@ -18,18 +18,24 @@ def _cfg(tmp_path, token_dataset, *overrides):
     return load_run_config(run_config(tmp_path, token_dataset), list(overrides))
 
 
+def _ds(cfg, world, load_universal=False):
+    """The DeepSpeed config build_engine gives the run ``cfg`` in a world of ``world`` ranks."""
+    return deepspeed_config(cfg.deepspeed, cfg.data.rows // world, world, cfg.train.grad_accum, cfg.optim.grad_clip,
+                            load_universal)
+
+
 def test_the_deepspeed_config_takes_batch_accumulation_and_clipping_from_the_run(tmp_path, token_dataset):
     cfg = _cfg(tmp_path, token_dataset, "engine=deepspeed", "deepspeed.zero_stage=3", "data.rows=8",
                "train.grad_accum=4", "optim.grad_clip=0.5", "deepspeed.offload_optimizer=true",
                "deepspeed.offload_params=true")
-    ds = deepspeed_config(cfg, world=2)
+    ds = _ds(cfg, world=2)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 4
     assert ds["train_batch_size"] == 32 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["zero_force_ds_cpu_optimizer"] is False  # the run's torch AdamW steps the offloaded state
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
-    assert "checkpoint" not in ds and deepspeed_config(cfg, 2, load_universal=True)["checkpoint"]["load_universal"]
+    assert "checkpoint" not in ds and _ds(cfg, 2, load_universal=True)["checkpoint"]["load_universal"]
 
 
 def test_a_deepspeed_config_file_is_the_base_and_the_run_corrects_its_batch_sizes(tmp_path, token_dataset, capsys):
@@ -37,7 +43,7 @@ def test_a_deepspeed_config_file_is_the_base_and_the_run_corrects_its_batch_size
         "train_micro_batch_size_per_gpu": 99, "zero_optimization": {"stage": 2, "overlap_comm": True},
         "wall_clock_breakdown": True}))
     cfg = _cfg(tmp_path, token_dataset, "engine=deepspeed", "deepspeed.config=ds.json")  # relative to the config
-    ds = deepspeed_config(cfg, world=1)
+    ds = _ds(cfg, world=1)
     assert ds["zero_optimization"] == {"stage": 1, "overlap_comm": True}  # the run's stage (default 1) wins
     assert ds["wall_clock_breakdown"] is True and ds["train_micro_batch_size_per_gpu"] == 4
     err = capsys.readouterr().err
@@ -53,7 +59,7 @@ def test_a_deepspeed_config_file_that_cannot_be_used_is_an_error_naming_it(tmp_p
     (tmp_path / "ds.json").write_text(json.dumps(content))
     cfg = _cfg(tmp_path, token_dataset, "engine=deepspeed", "deepspeed.config=ds.json")
     with pytest.raises(ConfigError, match=message):
-        deepspeed_config(cfg, world=1)
+        _ds(cfg, world=1)
 
 
 def test_deepspeed_settings_that_cannot_work_name_the_key(tmp_path, token_dataset):
@@ -61,7 +67,7 @@ def test_deepspeed_settings_that_cannot_work_name_the_key(tmp_path, token_datase
         _cfg(tmp_path, token_dataset, "deepspeed.zero_stage=4")
     cfg = _cfg(tmp_path, token_dataset, "engine=deepspeed", "deepspeed.zero_stage=2", "deepspeed.offload_params=true")
     with pytest.raises(ConfigError, match="offload_params: parameter offload needs ZeRO stage 3"):
-        deepspeed_config(cfg, world=1)
+        _ds(cfg, world=1)
     with pytest.raises(ConfigError, match="engine"):
         _cfg(tmp_path, token_dataset, "engine=megatron")
 

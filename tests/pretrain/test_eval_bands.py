@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from pretrain.train import Trainer
 from run_helpers import SEQ_LEN, run_config
 from token_data import BOS, random_documents, write_token_dataset
 from zarvan_dist.data import WindowReader
-from zarvan_dist.training.checkpoint import load_checkpoint_model, resolve_checkpoint
+from zarvan_dist.training.checkpoint import open_checkpoint
 from zarvan_dist.training.config import load_run_config
 
 PIECES = 300
@@ -59,7 +60,7 @@ def run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def model(run):
-    return load_checkpoint_model(run)
+    return open_checkpoint(run).load_model()
 
 
 @pytest.fixture(scope="module")
@@ -159,14 +160,27 @@ def test_the_table_goes_to_stderr(run, capsys):
 def test_no_carry_on_a_split_equals_the_trainer_resetting_every_window(run, capsys):
     carried = evaluate(capsys, "--checkpoint", str(run))
     fresh = evaluate(capsys, "--checkpoint", str(run), "--no-carry")
-    checkpoint = resolve_checkpoint(run)
-    trainer = Trainer(load_run_config(checkpoint / "config.yaml", ["train.carry_state=false", "train.device=cpu"]))
-    trainer.load_weights(checkpoint)
-    reference = trainer.evaluate("val", steps=0)
+    checkpoint = open_checkpoint(run).path
+    trainer = Trainer(load_run_config(checkpoint / "config.yaml", ["train.carry_state=false", "train.device=cpu",
+                                                                   f"checkpoint.init_from={checkpoint}"]))
+    reference = trainer.evaluate()
     assert fresh["carry"] is False
     assert fresh["loss"] == pytest.approx(reference["loss"], rel=1e-6)
     assert abs(fresh["loss"] - carried["loss"]) > 1e-4
     assert fresh["unknown_position"]["tokens"] == carried["unknown_position"]["tokens"]  # positions still counted
+
+
+def test_a_run_evaluates_after_the_checkpoint_it_started_from_is_gone(run, tmp_path, capsys):
+    """Evaluation reads the weights of the run's own checkpoint, never checkpoint.init_from again."""
+    origin = tmp_path / "origin"
+    shutil.copytree(open_checkpoint(run).path, origin)
+    config = load_run_config(origin / "config.yaml", [f"run_dir={tmp_path / 'child'}", f"checkpoint.init_from={origin}",
+                                                   "train.steps=1", "checkpoint.every=1", "eval.every=0"])
+    assert Trainer(config).fit() == 0
+    shutil.rmtree(origin)
+    capsys.readouterr()
+    result = evaluate(capsys, "--checkpoint", str(tmp_path / "child"))
+    assert result["step"] == 1 and result["tokens"] > 0
 
 
 def test_text_bands_match_a_direct_forward_of_each_document(run, model, texts, encode, capsys):
@@ -222,7 +236,7 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_an_error(run, texts, tmp_pat
                                     corpus=CorpusConfig(inputs=[str(run.parent / "corpus")])), progress=False)
     assert main(["--device", "cpu", "--checkpoint", str(run), "--text", str(texts[0]), "--tokenizer", str(bigger)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: tokenizer ") and f"{PIECES + 40} pieces" in err and "vocabulary of 300" in err
+    assert err == f"error: tokenizer {bigger} has {PIECES + 40} pieces, the model's vocab_size is {PIECES}: not the run's tokenizer"
 
 
 def test_another_tokenizer_of_the_same_size_is_an_error(run, texts, tmp_path, capsys):
@@ -236,7 +250,7 @@ def test_another_tokenizer_of_the_same_size_is_an_error(run, texts, tmp_path, ca
                                     corpus=CorpusConfig(inputs=[str(tmp_path / "corpus")])), progress=False)
     assert main(["--device", "cpu", "--checkpoint", str(run), "--text", str(texts[0]), "--tokenizer", str(other)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"error: tokenizer {other} (sha256 ") and "is not the one the run's dataset" in err
+    assert err.startswith(f"error: tokenizer {other} (sha256 ") and f"is not the one the dataset {run.parent / 'data'} was" in err
 
 
 def test_band_edges_parse():

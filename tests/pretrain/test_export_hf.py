@@ -16,16 +16,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data_prep.corpus import CorpusConfig  # noqa: E402
 from data_prep.tokenizer import TokenizerConfig, train_tokenizer  # noqa: E402
-from zarvan_dist.tokenizer import encode_documents, load_tokenizer  # noqa: E402
+from zarvan_dist.tokenizer import Tokenizer, encode_documents, load_tokenizer  # noqa: E402
 from pretrain.export import main  # noqa: E402
 from pretrain.generate import main as generate_main  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 from run_helpers import ROOT, SEQ_LEN, run_config, trainer_env  # noqa: E402
 from token_data import random_documents, write_token_dataset  # noqa: E402
 from zarvan_dist.generation import generate  # noqa: E402
-from zarvan_dist.hf import CACHE_KEY, ZarvanDistForCausalLM, load_zarvan, register, write_hf  # noqa: E402
+from zarvan_dist.hf import CACHE_KEY, ZarvanDistForCausalLM, register, write_hf  # noqa: E402
 from zarvan_dist.models import ARCHS, build_model  # noqa: E402
-from zarvan_dist.training.checkpoint import load_checkpoint_model  # noqa: E402
+from zarvan_dist.training.checkpoint import open_checkpoint  # noqa: E402
 from zarvan_dist.training.config import load_run_config  # noqa: E402
 
 VOCAB = 300  # a sentencepiece model with byte fallback has at least 260 pieces
@@ -42,7 +42,7 @@ def _registered():
 
 
 @pytest.fixture(scope="module")
-def tokenizer_model(tmp_path_factory) -> bytes:
+def tokenizer_model(tmp_path_factory) -> Tokenizer:
     """A sentencepiece model of VOCAB pieces trained the project's way on a little prose and code."""
     root = tmp_path_factory.mktemp("tok")
     rng = np.random.default_rng(0)
@@ -55,7 +55,7 @@ def tokenizer_model(tmp_path_factory) -> bytes:
     out = root / "tokenizer.model"
     train_tokenizer(TokenizerConfig(out=str(out), vocab_size=VOCAB, threads=1,
                                     corpus=CorpusConfig(inputs=[str(root / "corpus")])), progress=False)
-    return out.read_bytes()
+    return load_tokenizer(str(out))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def trained_run(tokenizer_model, tmp_path_factory):
     rng = np.random.default_rng(0)
     write_token_dataset(data, {"train": random_documents(rng, 20, VOCAB, 20, 80),
                                "val": random_documents(rng, 4, VOCAB, 20, 40)}, SEQ_LEN, VOCAB, 10,
-                        tokenizer=tokenizer_model)
+                        tokenizer=tokenizer_model.data)
     config = run_config(tmp, data, model={"vocab_size": VOCAB}, train={"steps": 2, "grad_accum": 1},
                         checkpoint={"every": 2, "keep": 1}, eval={"every": 2, "rows": 2, "steps": 1},
                         logging={"every": 1, "tensorboard": False, "progress": False})
@@ -99,7 +99,7 @@ def test_hf_export_round_trips_the_logits(arch, tiny_export, one_thread):
     hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert isinstance(hf, ZarvanDistForCausalLM)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    native = load_zarvan(out)
+    native = open_checkpoint(out).load_model()
     for m in (hf.model, native):  # a tied head is stored once and tied again on loading
         assert (m.head.weight is getattr(m.embed, "weight", None)) == tied
     ids = torch.randint(0, 61, (2, 13))
@@ -121,6 +121,7 @@ def test_hf_export_round_trips_the_logits(arch, tiny_export, one_thread):
 
 REMOTE = """
 import json, sys, torch
+sys.modules["data_prep"] = sys.modules["pretrain"] = None  # an export needs neither job: importing one fails
 from transformers import AutoModelForCausalLM, AutoTokenizer
 hf = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 tok = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
@@ -131,7 +132,8 @@ print(json.dumps({"classes": [type(hf).__module__, type(tok).__module__], "ids":
 
 
 def test_trust_remote_code_loads_the_copied_module(tokenizer_model, tiny_config, tmp_path, one_thread):
-    """In a process that never imported zarvan_dist.hf: the Auto classes load out/hf.py's classes."""
+    """In a process that never imported zarvan_dist.hf and cannot import data_prep or pretrain: the Auto
+    classes load out/hf.py's classes, which need the zarvan_dist library alone."""
     model = build_model(tiny_config("transformer", vocab_size=VOCAB, tie_embeddings=True)).eval()
     write_hf(model, tmp_path / "hf", tokenizer=tokenizer_model)
     text = "  the cat\n"
@@ -198,12 +200,12 @@ def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_r
     assert main([str(trained_run), str(out), "--format", "hf"]) == 0
     assert {p.name for p in out.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors", "hf.py",
                                                "tokenizer.model", "tokenizer_config.json"}
-    assert not (out / "export.json").exists()  # not a native export: load_checkpoint_model must not take it
+    assert not (out / "export.json").exists()  # not a native export
     config = json.loads((out / "config.json").read_text())
     assert config["zarvan_export"]["step"] == 2
     assert config["zarvan_export"]["tokenizer"].endswith("data/tokenizer.model")
     assert (out / "tokenizer.model").read_bytes() == (trained_run.parent / "data" / "tokenizer.model").read_bytes()
-    source = load_checkpoint_model(trained_run)
+    source = open_checkpoint(trained_run).load_model()
     hf = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok(["the cat", "  and\n\tmore of it"], return_tensors="pt", padding=True)
@@ -211,7 +213,7 @@ def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_r
         plain = torch.cat([torch.tensor([[1]]), torch.randint(4, VOCAB, (1, 20)), torch.tensor([[1, 5, 6]])], 1)
         want = source(plain, None, plain == 1).logits  # a document starts at each BOS, as in training
         torch.testing.assert_close(hf(plain).logits, want, rtol=0, atol=1e-6)
-        assert torch.equal(load_zarvan(out)(plain, None, plain == 1).logits, want)
+        assert torch.equal(open_checkpoint(out).load_model()(plain, None, plain == 1).logits, want)
     hf.generation_config.eos_token_id = None  # zarvan_dist's generate does not stop at EOS
     got = hf.generate(**ids, max_new_tokens=8, do_sample=False)
     for row, text in enumerate(["the cat", "  and\n\tmore of it"]):
@@ -226,12 +228,13 @@ def test_export_cli_writes_a_transformers_directory_with_the_tokenizer(trained_r
 
 def test_native_stays_the_default_and_overwrite_replaces_an_export(trained_run, tmp_path, one_thread):
     out = tmp_path / "export"
+    native = {"model.safetensors", "config.yaml", "export.json"}
     assert main([str(trained_run), str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "export.json"}
+    assert {p.name for p in out.iterdir()} == native
     assert main([str(trained_run), str(out), "--format", "hf", "--overwrite"]) == 0
     assert (out / "config.json").is_file() and not (out / "config.yaml").exists()
     assert main([str(trained_run), str(out), "--overwrite"]) == 0  # and back
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.yaml", "export.json"}
+    assert {p.name for p in out.iterdir()} == native
     assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary directory left
 
 
@@ -242,27 +245,26 @@ def test_bad_input_is_a_clear_error(trained_run, token_dataset, tmp_path, capsys
         assert err.startswith("error: ")
         return err
 
-    assert f"{tmp_path / 'nothing'}: not a checkpoint directory" in error(tmp_path / "nothing", tmp_path / "out")
+    assert f"checkpoint {tmp_path / 'nothing'} does not exist" in error(tmp_path / "nothing", tmp_path / "out")
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")
     assert "is not empty; pass --overwrite" in error(trained_run, busy, "--format", "hf")
     assert "holds no export" in error(trained_run, busy, "--format", "hf", "--overwrite")
     assert (busy / "notes.txt").read_text() == "mine"
-    assert "a tokenizer goes with --format hf" in error(trained_run, tmp_path / "out", "--tokenizer", "t.model")
     fake = token_dataset / "tokenizer.model"  # the synthetic dataset's: not a sentencepiece model
     assert "not a sentencepiece model" in error(trained_run, tmp_path / "out", "--format", "hf", "--tokenizer", fake)
+    assert "a tokenizer goes with --format hf" in error(trained_run, tmp_path / "out", "--tokenizer", "t.model")
     missing = trained_run.parent / "data" / "missing.model"
-    assert f"cannot read tokenizer {missing}" in error(trained_run, tmp_path / "out", "--format", "hf",
-                                                       "--tokenizer", missing)
+    assert f"tokenizer {missing} does not exist" in error(trained_run, tmp_path / "out", "--format", "hf",
+                                                          "--tokenizer", missing)
     other = tmp_path / "other.model"  # the model's vocabulary size, but not the dataset's tokenizer
     (tmp_path / "corpus").mkdir()
     for i in range(20):
         (tmp_path / "corpus" / f"{i}.txt").write_text(f"DEF G_{i}(X):\n    RETURN X * {i}  # THE END OF A LINE\n" * 9)
     train_tokenizer(TokenizerConfig(out=str(other), vocab_size=VOCAB, threads=1,
                                     corpus=CorpusConfig(inputs=[str(tmp_path / "corpus")])), progress=False)
-    assert "is not the one the run's dataset" in error(trained_run, tmp_path / "out", "--format", "hf",
-                                                       "--tokenizer", other)
+    assert "is not the one the dataset" in error(trained_run, tmp_path / "out", "--format", "hf", "--tokenizer", other)
     data = trained_run.parent / "data"
     data.rename(data.with_name("gone"))
     try:  # the run's dataset is not where the run read it
@@ -270,9 +272,11 @@ def test_bad_input_is_a_clear_error(trained_run, token_dataset, tmp_path, capsys
         # with the tokenizer named, the export goes on, saying that it could not check it
         assert main([str(trained_run), str(tmp_path / "moved"), "--format", "hf", "--tokenizer",
                      str(data.with_name("gone") / "tokenizer.model")]) == 0
-        assert "the tokenizer is not checked against it" in capsys.readouterr().err
+        assert "is not checked against it" in capsys.readouterr().err
+        assert main([str(trained_run), str(tmp_path / "bare")]) == 0  # a native export needs no tokenizer
     finally:
         data.with_name("gone").rename(data)
+    assert "is an export already" in error(tmp_path / "bare", tmp_path / "again")
     assert not (tmp_path / "out").exists()
 
 

@@ -122,7 +122,7 @@ def test_eval_of_a_checkpoint_reads_the_runs_neighbours_unless_told_otherwise(re
     assert eval_main(["--checkpoint", str(run_dir), "--steps", "2", "--neighbours", "none"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["loss"] != pytest.approx(with_neighbours["loss"], rel=1e-6)
-    assert "trains without retrieved text" in captured.err
+    assert "it evaluates without retrieved text" in captured.err
 
 
 @pytest.mark.parametrize("override, words", [

@@ -103,11 +103,11 @@ def test_max_bad_steps_nans_in_a_row_stop_the_run_with_a_message(token_dataset, 
                        checkpoint={"every": 2}, logging=QUIET)
     with pytest.raises(TrainingError, match=r"4 steps in a row had a non-finite loss") as err:
         trainer.fit()
-    assert "step 6" in str(err.value) and str(trainer.checkpointer.root) in str(err.value)
+    assert "step 6" in str(err.value) and str(trainer.checkpoints.root) in str(err.value)
     steps, _ = _records(trainer)
     assert [r["skipped_steps"] for r in steps] == [0, 0, 1, 2, 3, 4]  # the fatal step is logged too
     # the checkpoints hold the last good weights (a skipped step changes none) to resume from
-    assert sorted(p.name for p in trainer.checkpointer.checkpoints()) == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in trainer.checkpoints.checkpoints.checkpoints()) == ["step-00000002", "step-00000004"]
 
 
 def test_the_cli_exits_1_with_error_on_stderr_after_max_bad_steps(token_dataset, tmp_path, monkeypatch, capsys):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from zarvan_dist.config import ConfigError, from_dict, load_yaml, to_dict
 
-ARCHS = ("zarvan", "zarvan_v1", "nonattn", "transformer", "slam", "zephyra")
 Arch = Literal["zarvan", "zarvan_v1", "nonattn", "transformer", "slam", "zephyra"]
+ARCHS: tuple[str, ...] = get_args(Arch)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Atomic checkpoint directories: written under a temporary name, renamed when complete, ``latest`` last.
+"""A run's checkpoint: what it holds, saving and resuming it in a job, and opening it to use the model.
 
 Layout of ``RUN/checkpoints``::
 
@@ -10,11 +10,18 @@ Layout of ``RUN/checkpoints``::
         lanes.safetensors     each row's recurrent state, leading dimension G (global rows)
         rng.safetensors       each rank's torch RNG states (cpu.rank{r}, cuda.rank{r})
         trainer.json          step, micro-step, tokens seen, skipped steps, learning rate, the lanes' shape,
-                              engine and world size
+                              engine (and ZeRO stage) and world size
         config.yaml           the resolved run config
         meta.json             every other file's size and sha256, subdirectories included (written last)
     latest                    name of the newest complete checkpoint (updated after the rename)
     .tmp-step-00000100/       a checkpoint being written (removed at the next start)
+
+Three layers: ``Checkpointer`` keeps the directories of a run (atomic commit, ``latest``, pruning,
+the newest that verifies); ``RunCheckpointer`` saves and restores everything a run needs to go on
+(model, optimizer, lanes, RNG per rank, counters) with the collectives that takes, every rank
+calling it and rank 0 sealing; ``open_checkpoint`` opens a checkpoint, or an export of one, for a
+job that only uses the model: its config, step, model, tokenizer and dataset, every failure a
+``CheckpointError``.
 
 Loading never unpickles arbitrary objects: tensors come from safetensors, DCP or ``torch.load`` with
 ``weights_only=True``, the rest is JSON and YAML. The exception is DeepSpeed's own files, which
@@ -28,18 +35,50 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from zarvan_dist.config import ConfigError, load_yaml
+from zarvan_dist.data.manifest import Manifest, dataset_root
+from zarvan_dist.models import CausalLM, ModelConfig, RecurrentState, build_model
+from zarvan_dist.tokenizer import Tokenizer, TokenizerError, check_tokenizer, load_tokenizer
+from zarvan_dist.training.config import RunConfig
+
+if TYPE_CHECKING:
+    from zarvan_dist.data.lanes import LaneLayout
+    from zarvan_dist.training.engines import Collective, DistEnv, Engine
+
 META = "meta.json"
 LATEST = "latest"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+# the files of a checkpoint directory (see the module docstring)
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+DCP_DIR = "dcp"
+DS_TAG = "deepspeed"
+LANES_FILE = "lanes.safetensors"
+RNG_FILE = "rng.safetensors"
+TRAINER_FILE = "trainer.json"
+CONFIG_FILE = "config.yaml"
+# an export's (pretrain.export): native, or for transformers (zarvan_dist.hf)
+EXPORT_FILE = "export.json"
+HF_CONFIG_FILE = "config.json"
+HF_MODEL_TYPE = "zarvan_dist"
+"""config.json's ``model_type`` in a transformers export."""
+HF_PREFIX = "model."
+"""Where the wrapped model's weights live in a transformers export's state dict."""
+TOKENIZER_FILE = "tokenizer.model"
+FORMATS = {"single": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
+"""Checkpoint format of each engine: ``full`` (model.safetensors + optimizer.pt), ``dcp`` (DCP files
+under ``dcp/``) or ``deepspeed`` (DeepSpeed's files under ``deepspeed/``)."""
 
 
 class CheckpointError(RuntimeError):
@@ -215,26 +254,45 @@ def _fsync_dir(path: Path) -> None:
 
 
 def load_weights(model: torch.nn.Module, path: str | Path, device: torch.device | str = "cpu") -> None:
-    """Load the weights of checkpoint ``path`` into a bare (unwrapped) ``model``, whatever engine wrote them.
+    """Load the weights of checkpoint or export ``path`` into a bare (unwrapped) ``model``, whatever wrote them.
 
-    ``model.safetensors`` (single, ddp), ``dcp/`` (fsdp: read without a process group) or
-    ``deepspeed/`` (any ZeRO stage: DeepSpeed's ``zero_to_fp32`` consolidation). A model that does
-    not fit names the tensors.
+    ``model.safetensors`` (engines single, ddp; a native export; a transformers export, under
+    ``model.``), ``dcp/`` (fsdp: read without a process group) or ``deepspeed/`` (any ZeRO stage:
+    DeepSpeed's ``zero_to_fp32`` consolidation). A model that does not fit names the tensors.
     """
     path = Path(path)
-    if (path / "model.safetensors").is_file():
+    if (path / MODEL_FILE).is_file() and is_hf_export(path):
+        missing, unexpected = _load_hf_weights(model, path / MODEL_FILE, device)
+    elif (path / MODEL_FILE).is_file():
         from safetensors.torch import load_model
 
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False, device=str(device))
-    elif (path / "dcp").is_dir():
-        missing, unexpected = _load_dcp_weights(model, path / "dcp")
-    elif (path / "deepspeed").is_dir():
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False, device=str(device))
+    elif (path / DCP_DIR).is_dir():
+        missing, unexpected = _load_dcp_weights(model, path / DCP_DIR)
+    elif (path / DS_TAG).is_dir():
         missing, unexpected = model.load_state_dict(consolidate_deepspeed(path), strict=False)
     else:
-        raise CheckpointError(f"{path}: no model.safetensors, dcp/ or deepspeed/ in this checkpoint")
+        raise CheckpointError(f"{path}: no {MODEL_FILE}, {DCP_DIR}/ or {DS_TAG}/ in this checkpoint")
     if missing or unexpected:
         raise CheckpointError(f"{path}: the checkpoint's weights do not fit this model: missing {list(missing)[:5]}, "
                               f"unexpected {list(unexpected)[:5]}")
+
+
+def is_hf_export(path: Path) -> bool:
+    """A directory written by ``zarvan_dist.hf.write_hf`` (its config.json names model_type zarvan_dist)."""
+    try:
+        return json.loads((path / HF_CONFIG_FILE).read_text()).get("model_type") == HF_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _load_hf_weights(model: torch.nn.Module, file: Path, device: torch.device | str) -> tuple[list[str], list[str]]:
+    weights = load_file(str(file), device=str(device))
+    foreign = [k for k in weights if not k.startswith(HF_PREFIX)]
+    missing, unexpected = model.load_state_dict({k[len(HF_PREFIX):]: v for k, v in weights.items()}, strict=False)
+    if getattr(model.config, "tie_embeddings", False):  # stored once, as the embedding
+        missing = [k for k in missing if k != "head.weight"]
+    return list(missing), foreign + list(unexpected)
 
 
 def _load_dcp_weights(model: torch.nn.Module, directory: Path) -> tuple[list[str], list[str]]:
@@ -260,12 +318,12 @@ def _load_dcp_weights(model: torch.nn.Module, directory: Path) -> tuple[list[str
 def consolidate_deepspeed(path: str | Path) -> dict[str, torch.Tensor]:
     """The full float32 model state dict of a DeepSpeed checkpoint directory (its ``deepspeed/`` tag)."""
     path = Path(path)
-    tag = path / "deepspeed"
-    stage = json.loads((path / "trainer.json").read_text()).get("zero_stage", 0)
+    tag = path / DS_TAG
+    stage = json.loads((path / TRAINER_FILE).read_text()).get("zero_stage", 0)
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
         return {k: v.float() for k, v in state.items()}
     # ZeRO stage 0: the whole module is in the model-states file
     files = sorted(tag.glob("mp_rank_*_model_states.pt"))
@@ -275,24 +333,328 @@ def consolidate_deepspeed(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in saved["module"].items()}
 
 
-def weights_source(path: str | Path) -> Path:
-    """A ``pretrain.export`` directory as it is; a checkpoint, checkpoints root or run directory resolved
-    to one checkpoint and verified (``resolve_checkpoint``)."""
-    path = Path(path)
-    return path if (path / "export.json").is_file() else resolve_checkpoint(path)
+
+# ---------------------------------------------------------------- opening a checkpoint to use its model
+@dataclass
+class Checkpoint:
+    """A checkpoint, or an export of one, opened to use its model (``open_checkpoint``).
+
+    Everything it reads is checked; every failure is a ``CheckpointError`` whose message names the
+    file, key or value at fault.
+    """
+
+    path: Path
+    """The checkpoint or export directory (resolved, verified, absolute)."""
+    config: dict
+    """The run config as saved (an export's holds the model only)."""
+    info: dict
+    """trainer.json of a checkpoint, export.json (or config.json's ``zarvan_export``) of an export."""
+    model_config: ModelConfig
+
+    @property
+    def is_export(self) -> bool:
+        return not (self.path / TRAINER_FILE).is_file()
+
+    @property
+    def step(self) -> int | None:
+        """The optimizer step of the weights."""
+        return self.info.get("step")
+
+    @property
+    def engine(self) -> str:
+        """The engine that wrote the weights."""
+        return self.info.get("engine", "single")
+
+    def run_config(self, overrides: list[str] | None = None) -> RunConfig:
+        """The run config the checkpoint was trained with (``key=value`` overrides applied)."""
+        from zarvan_dist.config import apply_overrides
+
+        if self.is_export:
+            raise CheckpointError(f"{self.path} is an export: it keeps the model, not the run config; "
+                                  f"give the checkpoint it was exported from ({self.info.get('source')})")
+        try:
+            return RunConfig.from_dict(apply_overrides(self.config, overrides or []))
+        except ConfigError as exc:
+            raise CheckpointError(f"{self.path / CONFIG_FILE}: {exc}") from None
+
+    def dataset(self) -> str | None:
+        """The dataset the run read (``data.dir``), followed from an export to its source checkpoint."""
+        data = self.config.get("data") or {}
+        if data.get("dir"):
+            return str(data["dir"])
+        source = self.info.get("source")
+        if source:
+            try:
+                return str(yaml.safe_load((Path(source) / CONFIG_FILE).read_text())["data"]["dir"])
+            except (OSError, KeyError, TypeError, yaml.YAMLError):
+                return None
+        return None
+
+    def manifest(self, dataset: str | None = None) -> Manifest:
+        """The manifest of ``dataset`` (default: the run's)."""
+        dataset = dataset or self.dataset()
+        if dataset is None:
+            raise CheckpointError(f"{self.path}: the checkpoint names no dataset (data.dir)")
+        try:
+            return Manifest.load(dataset)
+        except (ConfigError, ImportError, OSError, ValueError) as exc:  # e.g. s3:// without s3fs, moved away
+            raise CheckpointError(f"the run's dataset is not readable: {exc}") from None
+
+    def load_model(self, device: torch.device | str = "cpu") -> CausalLM:
+        """The model with its weights, in eval mode."""
+        model = build_model(self.model_config).to(device)
+        load_weights(model, self.path, device)
+        return model.eval()
+
+    def tokenizer(self, explicit: str | None = None, dataset: str | None = None) -> Tokenizer:
+        """The tokenizer that goes with the model, checked (``zarvan_dist.tokenizer.check_tokenizer``).
+
+        ``explicit`` (a URL) if given, else the export's ``tokenizer.model``, else the one of the
+        run's dataset (or ``dataset``). It must have the model's vocabulary and, when the dataset's
+        manifest is readable, be the model file it recorded.
+        """
+        dataset = dataset or self.dataset()
+        manifest, why = None, "the checkpoint names no dataset (data.dir)"
+        if dataset is not None:
+            try:
+                manifest = self.manifest(dataset)
+            except CheckpointError as exc:
+                why = str(exc)
+        if explicit:
+            url = explicit
+        elif (self.path / TOKENIZER_FILE).is_file():
+            url = str(self.path / TOKENIZER_FILE)
+        elif manifest is not None:
+            url = f"{dataset_root(dataset)}/{manifest.tokenizer.path}"
+        else:
+            raise CheckpointError(f"no tokenizer for {self.path}: {why}; give --tokenizer")
+        try:
+            tokenizer = load_tokenizer(url)
+            check_tokenizer(tokenizer, self.model_config.vocab_size, manifest, dataset)
+        except TokenizerError as exc:
+            raise CheckpointError(str(exc)) from None
+        if manifest is None and explicit and dataset is not None:  # named, but not readable
+            print(f"note: {why}; the tokenizer {url} is not checked against it", file=sys.stderr)
+        return tokenizer
 
 
-def load_checkpoint_model(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """The model of a checkpoint (directory, checkpoints root or run directory) or of a ``pretrain.export``
-    directory, weights loaded, in eval mode."""
-    return load_source_model(weights_source(path), device)
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a checkpoint directory, a run directory or checkpoints root (its newest checkpoint that
+    verifies), or a ``pretrain.export`` directory (native or transformers)."""
+    given = Path(path)
+    if not given.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if (given / EXPORT_FILE).is_file():
+        resolved = given
+        info = _read_json(given / EXPORT_FILE)
+        config = _read_yaml(given / CONFIG_FILE)
+    elif is_hf_export(given):
+        resolved = given
+        hf = _read_json(given / HF_CONFIG_FILE)
+        info, config = dict(hf.get("zarvan_export") or {}), {"model": hf.get("zarvan_model")}
+    else:
+        resolved = resolve_checkpoint(given)
+        info = _read_json(resolved / TRAINER_FILE)
+        config = _read_yaml(resolved / CONFIG_FILE)
+    if not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{resolved}: its config holds no model section")
+    try:
+        model_config = ModelConfig.from_dict(config["model"])
+    except ConfigError as exc:
+        raise CheckpointError(f"{resolved}: model: {exc}") from None
+    return Checkpoint(resolved.absolute(), config, info, model_config)
 
 
-def load_source_model(path: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """``load_checkpoint_model`` of what ``weights_source`` gave (resolved and verified already)."""
-    from zarvan_dist.models import ModelConfig, build_model
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
 
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    model = build_model(ModelConfig.from_dict(config["model"])).to(device)
-    load_weights(model, path, device)
-    return model.eval()
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = load_yaml(path)
+    except (OSError, ConfigError) as exc:
+        raise CheckpointError(f"{path}: cannot read it ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a mapping")
+    return data
+
+
+# ---------------------------------------------------------------- saving and resuming a run
+@dataclass
+class Counters:
+    """The trainer's progress; saved in every checkpoint's ``trainer.json``."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    micro_step: int = 0
+    """Micro-steps done: the lanes' cursor."""
+    tokens: int = 0
+    """Target tokens trained on (all rows)."""
+    skipped_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient norm."""
+    bad_in_row: int = 0
+    """Non-finite steps since the last good one."""
+
+    def state_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def load_state_dict(self, data: dict[str, int]) -> None:
+        for key, value in data.items():
+            if hasattr(self, key):
+                setattr(self, key, int(value))
+
+
+class RunCheckpointer:
+    """Save and resume a run's checkpoints in a job of ``env.world`` ranks: every rank calls ``save`` and
+    ``load``; rank 0 alone looks for the checkpoint to resume, writes the shared files and seals."""
+
+    def __init__(self, root: str | Path, keep: int, env: DistEnv, comm: Collective, device: torch.device) -> None:
+        self.checkpoints = Checkpointer(root, keep)
+        self.env, self.comm, self.device = env, comm, device
+        self._found: dict[str, Path | None] = {}
+
+    @property
+    def root(self) -> Path:
+        return self.checkpoints.root
+
+    def resume_path(self, mode: str) -> Path | None:
+        """The checkpoint ``mode`` names (``auto``: the newest that verifies, ``none``, or a path); None:
+        start afresh. Rank 0 looks (once), every rank gets its answer or its error."""
+        if mode not in self._found:
+            found, error = None, None
+            if self.env.main:
+                try:
+                    self.checkpoints.remove_partial()
+                    if mode == "auto":
+                        found = self.checkpoints.find_resume()
+                    elif mode != "none":
+                        found = resolve_checkpoint(mode)
+                except (CheckpointError, OSError) as exc:
+                    error = str(exc)
+            # every rank learns rank 0's answer, or its error: none is left waiting in a collective
+            found, error = self.comm.broadcast((str(found) if found else None, error))
+            if error is not None:
+                raise CheckpointError(error)
+            self._found[mode] = Path(found) if found else None
+        return self._found[mode]
+
+    def save(self, step: int, engine: Engine, counters: Counters, lane_state: RecurrentState, lr: float,
+             layout: LaneLayout, seq_len: int, config: dict) -> Path:
+        """Write checkpoint ``step-N``: the engine's files, every row's lane state, each rank's RNG,
+        ``trainer.json`` (``counters``, ``lr``, the lanes' shape, engine, world size) and ``config``."""
+        main = self.env.main
+        tmp = self.checkpoints.begin(step) if main else None
+        tmp = Path(self.comm.broadcast(str(tmp) if tmp else None))
+        engine.save(tmp)
+        lanes = self.comm.gather_rows(lane_state.to_dict())
+        rngs = self.comm.gather_objects(_rng_state(self.device))
+        if main:
+            save_tensors(tmp / LANES_FILE, lanes)
+            save_tensors(tmp / RNG_FILE, {f"{name}.rank{r}": t for r, rng in enumerate(rngs) for name, t in rng.items()})
+            write_json(tmp / TRAINER_FILE, {**counters.state_dict(), "lr": lr, "train_windows": layout.num_windows,
+                                            "seq_len": seq_len, "world_size": self.env.world,
+                                            **engine.checkpoint_info()})
+            save_config(tmp / CONFIG_FILE, config)
+        self.comm.barrier()
+        if main:
+            self.checkpoints.commit(step)
+        self.comm.barrier()
+        return self.root / checkpoint_name(step)
+
+    def check_resumable(self, path: Path, cfg: RunConfig, layout: LaneLayout, seq_len: int, engine: Engine) -> None:
+        """Refuse checkpoint ``path`` where its lanes or its engine's files do not fit this run."""
+        saved = RunConfig.from_dict(load_yaml(path / CONFIG_FILE))
+        info = json.loads((path / TRAINER_FILE).read_text())
+        lanes = {"data.rows": (saved.data.rows, cfg.data.rows),
+                 "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
+                 "train windows": (info.get("train_windows"), layout.num_windows),
+                 "seq_len": (info.get("seq_len"), seq_len)}
+        for name, (was, now) in lanes.items():
+            if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
+                raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
+                                  f"its lane cursor and states would not fit (start afresh with --resume none)")
+        if saved.data.neighbours != cfg.data.neighbours and self.env.main:
+            # a moved sidecar (another URL, same files) is fine; another one changes what the model reads
+            print(f"note: the checkpoint {path} was trained with data.neighbours {saved.data.neighbours}, "
+                  f"this run reads {cfg.data.neighbours}", file=sys.stderr)
+        written_by = info.get("engine", "single")
+        if FORMATS[written_by] != engine.format:
+            raise ConfigError(f"engine: the checkpoint {path} was written by engine {written_by}, whose files "
+                              f"engine {engine.name} cannot resume; resume with engine: {written_by}, or start a "
+                              f"new run from its weights: --set checkpoint.init_from={path} --resume none")
+
+    def load(self, path: Path, engine: Engine, rows: range, seed: int,
+             universal: Path | None = None) -> tuple[RecurrentState, Counters]:
+        """Restore the engine's files (from ``universal``, DeepSpeed's conversion, when given), this rank's
+        ``rows`` of the lane states, its RNG and the counters of checkpoint ``path`` (checked already)."""
+        if universal is not None:
+            engine.load(universal)
+            self.comm.barrier()
+            if self.env.main:
+                shutil.rmtree(universal, ignore_errors=True)
+        else:
+            engine.load(path)
+        state = load_tensors(path / LANES_FILE)  # every row, on the CPU: this rank takes its own
+        lane_state = RecurrentState({k: v[rows.start:rows.stop].contiguous().to(self.device) for k, v in state.items()})
+        info = json.loads((path / TRAINER_FILE).read_text())
+        self._load_rng(load_tensors(path / RNG_FILE), info.get("world_size", 1), int(info["step"]), seed)
+        counters = Counters()
+        counters.load_state_dict({k: v for k, v in info.items() if k in counters.state_dict()})
+        if self.env.main and path.parent.resolve() == self.root.resolve():
+            self.checkpoints.point_latest(path)  # a requeue with auto continues from here, not a newer abandoned one
+        return lane_state, counters
+
+    def _load_rng(self, rng: dict[str, torch.Tensor], saved_world: int, step: int, seed: int) -> None:
+        rank = self.env.rank
+        if "cpu" in rng:  # written before the ranks were recorded: one process
+            rng = {"cpu.rank0": rng["cpu"]}
+        if saved_world != self.env.world or f"cpu.rank{rank}" not in rng:
+            # another world size: a rank's stream cannot be carried over; a fresh, reproducible one
+            torch.manual_seed(seed + 1_000_003 * step + rank)
+            if self.env.main:
+                print(f"note: the checkpoint was written by {saved_world} ranks, this run has {self.env.world}: "
+                      f"each rank's dropout stream is seeded anew", file=sys.stderr)
+            return
+        torch.set_rng_state(rng[f"cpu.rank{rank}"])
+        if self.device.type == "cuda" and f"cuda.rank{rank}" in rng:
+            torch.cuda.set_rng_state(rng[f"cuda.rank{rank}"], self.device)
+
+    def prepare_universal(self, path: Path | None, engine: str, zero_stage: int) -> Path | None:
+        """DeepSpeed resuming a ZeRO checkpoint of another world size: its universal conversion (rank 0
+        writes it); None where no conversion is needed."""
+        if engine != "deepspeed" or path is None:
+            return None
+        saved = json.loads((path / TRAINER_FILE).read_text())
+        if saved.get("engine") != "deepspeed":
+            return None  # check_resumable refuses another engine's checkpoint with a clear message
+        was = saved.get("zero_stage", 0)
+        if was != zero_stage:  # DeepSpeed's loaders expect the stage's own file layout
+            raise ConfigError(f"deepspeed.zero_stage: the checkpoint {path} was written with ZeRO stage {was}, this "
+                              f"run has {zero_stage}; resume with zero_stage {was}, or start a new run from its "
+                              f"weights: --set checkpoint.init_from={path} --resume none")
+        if saved.get("world_size", 1) == self.env.world or was == 0:
+            return None  # same partitioning, or ZeRO-0 (nothing partitioned)
+        from zarvan_dist.training.engines import convert_to_universal
+
+        target = self.root / f"{TMP_PREFIX}universal-{path.name}"
+        if self.env.main:
+            print(f"converting {path} ({saved.get('world_size')} ranks) to a universal checkpoint for "
+                  f"{self.env.world} ranks", flush=True)
+            shutil.rmtree(target, ignore_errors=True)
+            convert_to_universal(path, target)
+        self.comm.barrier()
+        return target
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states: the CPU generator and, on a GPU, its device's."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng

@@ -9,10 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from zarvan_dist.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from zarvan_dist.data import Manifest, NeighbourManifest, NeighbourReader
 from zarvan_dist.models.config import ModelConfig
+
+
+EngineName = Literal["single", "ddp", "fsdp", "deepspeed"]
+ENGINES: tuple[str, ...] = get_args(EngineName)
+"""How a model can be wrapped for training (``zarvan_dist.training.engines``)."""
 
 
 @dataclass
@@ -205,7 +211,7 @@ class RunConfig:
     """The model (vocab_size is taken from the dataset's tokenizer)."""
     seed: int = 0
     """Seed of the weight initialisation and of dropout."""
-    engine: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    engine: EngineName = "single"
     """How the model is wrapped: single (one process, CPU or one GPU), ddp, fsdp (FSDP2) or deepspeed (ZeRO)."""
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     """FSDP2 options (engine: fsdp)."""
@@ -269,3 +275,32 @@ def _positive(obj: Any, *names: str) -> None:
         value = getattr(obj, name)
         if value < 1:
             raise ConfigError(f"{name}: expected a positive integer, got {value}")
+
+
+def check_neighbours(cfg: RunConfig, model_cfg: ModelConfig, manifest: Manifest) -> None:
+    """Refuse a neighbour sidecar (``data.neighbours``) that the model or the dataset cannot use."""
+    url = cfg.data.neighbours
+    if url is None:
+        return
+    if model_cfg.arch != "nonattn" or not model_cfg.retrieval:
+        what = f"arch {model_cfg.arch}" if model_cfg.arch != "nonattn" else "retrieval: false"
+        raise ConfigError(f"data.neighbours: {url} is set, but the model ({what}) reads no neighbours; "
+                          f"retrieval needs model.arch: nonattn with model.retrieval: true (or unset data.neighbours)")
+    try:
+        sidecar = NeighbourManifest.load(url)
+    except ConfigError as exc:
+        raise ConfigError(f"data.neighbours: {exc}") from None
+    if sidecar.seq_len != manifest.seq_len:
+        raise ConfigError(f"data.neighbours: the sidecar {url} has seq_len {sidecar.seq_len}, the dataset "
+                          f"{cfg.data.dir} (data.dir) {manifest.seq_len}; write its neighbours with "
+                          f"`python -m data_prep retrieval neighbours`")
+    for name, got, key, want in (("chunk_len", sidecar.chunk_len, "supervisor_chunk", model_cfg.supervisor_chunk),
+                                 ("neighbour_len", sidecar.neighbour_len, "retrieval_len", model_cfg.retrieval_len)):
+        if got != want:
+            raise ConfigError(f"model.{key}: {want}, but the sidecar {url} (data.neighbours) has {name} {got}; "
+                              f"they must be equal (set model.{key}: {got}, or write neighbours with "
+                              f"{name} {want})")
+    try:
+        NeighbourReader(url, dataset=cfg.data.dir)
+    except ConfigError as exc:
+        raise ConfigError(f"data.neighbours: {exc}") from None

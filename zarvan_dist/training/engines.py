@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -37,14 +37,19 @@ from safetensors.torch import save_model
 from torch import nn
 
 from zarvan_dist.config import ConfigError, load_yaml
-from zarvan_dist.training.checkpoint import CheckpointError, load_weights
+from zarvan_dist.training.checkpoint import (
+    DCP_DIR,
+    DS_TAG,
+    FORMATS,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    CheckpointError,
+    load_weights,
+)
+from zarvan_dist.training.config import DeepSpeedConfig, FSDPConfig
 
-ENGINES = ("single", "ddp", "fsdp", "deepspeed")
-FORMATS = {"single": "full", "ddp": "full", "fsdp": "dcp", "deepspeed": "deepspeed"}
-"""Checkpoint format of each engine: ``full`` (model.safetensors + optimizer.pt), ``dcp`` (DCP files
-under ``dcp/``) or ``deepspeed`` (DeepSpeed's files under ``deepspeed/``)."""
-DCP_DIR = "dcp"
-DS_TAG = "deepspeed"
+if TYPE_CHECKING:
+    from zarvan_dist.training.config import RunConfig
 
 
 # ---------------------------------------------------------------- the process group
@@ -218,12 +223,11 @@ class Engine:
     name = "single"
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Any, env: DistEnv, device: torch.device) -> None:
+                 env: DistEnv, device: torch.device, grad_accum: int) -> None:
         self.module = module
-        self.cfg = cfg
         self.env = env
         self.device = device
-        self.grad_accum = cfg.train.grad_accum
+        self.grad_accum = grad_accum
         self.wrapped, self.optimizer = self.build(module, make_optimizer)
 
     def build(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
@@ -235,6 +239,10 @@ class Engine:
     @property
     def format(self) -> str:
         return FORMATS[self.name]
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint's trainer.json records of the engine that wrote it."""
+        return {"engine": self.name}
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -279,16 +287,13 @@ class Engine:
     def save(self, directory: Path) -> None:
         """Model and optimizer into checkpoint ``directory`` (model.safetensors, optimizer.pt)."""
         if self.env.main:
-            save_model(self.module, str(directory / "model.safetensors"))
-            torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+            save_model(self.module, str(directory / MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
 
     def load(self, directory: Path) -> None:
         load_weights(self.module, directory, self.device)
-        state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
+        state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state)
-
-    def load_model_only(self, directory: Path) -> None:
-        load_weights(self.module, directory, self.device)
 
 
 class DDPEngine(Engine):
@@ -312,11 +317,15 @@ class FSDPEngine(Engine):
 
     name = "fsdp"
 
+    def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 env: DistEnv, device: torch.device, grad_accum: int, fsdp: FSDPConfig, dtype: torch.dtype) -> None:
+        self.fsdp, self.dtype = fsdp, dtype  # wrap() reads them
+        super().__init__(module, make_optimizer, env, device, grad_accum)
+
     def wrap(self, module: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-        f = self.cfg.fsdp
-        dtype = resolve_dtype(self.cfg.train.dtype, self.device)
+        f, dtype = self.fsdp, self.dtype
         # parameters gathered in the compute dtype, gradients reduced in float32; block inputs are not
         # cast (the carried recurrent state stays float32 across windows)
         mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype,
@@ -357,14 +366,6 @@ class FSDPEngine(Engine):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
-    def load_model_only(self, directory: Path) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        state = {"model": get_model_state_dict(self.module)}
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
-        set_model_state_dict(self.module, state["model"])
-
 
 class DeepSpeedEngine(Engine):
     """``deepspeed.initialize`` with the run's ZeRO stage; DeepSpeed's checkpoint under ``deepspeed/``."""
@@ -372,10 +373,13 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 cfg: Any, env: DistEnv, device: torch.device, load_universal: bool = False) -> None:
-        self.ds_config = deepspeed_config(cfg, env.world, load_universal)
-        super().__init__(module, make_optimizer, cfg, env, device)
+                 env: DistEnv, device: torch.device, grad_accum: int, ds_config: dict[str, Any]) -> None:
+        self.ds_config = ds_config
+        super().__init__(module, make_optimizer, env, device, grad_accum)
         self.module = self.wrapped.module
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        return {"engine": self.name, "zero_stage": self.ds_config["zero_optimization"]["stage"]}
 
     def build(self, module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
               ) -> tuple[nn.Module, Any]:
@@ -441,31 +445,29 @@ class DeepSpeedEngine(Engine):
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory / tag}")
 
-    def load_model_only(self, directory: Path) -> None:
-        path, _ = self.wrapped.load_checkpoint(str(directory), tag=DS_TAG, load_module_only=True)
-        if path is None:
-            raise CheckpointError(f"DeepSpeed could not load {directory / DS_TAG}")
 
-
-ENGINE_CLASSES: dict[str, type[Engine]] = {"single": Engine, "ddp": DDPEngine, "fsdp": FSDPEngine,
-                                           "deepspeed": DeepSpeedEngine}
-
-
-def build_engine(module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], cfg: Any,
+def build_engine(module: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], cfg: RunConfig,
                  env: DistEnv, device: torch.device, load_universal: bool = False) -> Engine:
     """Wrap ``module`` (activation checkpointing and compilation already applied) for ``cfg.engine``."""
+    args = (module, make_optimizer, env, device, cfg.train.grad_accum)
+    if cfg.engine == "fsdp":
+        return FSDPEngine(*args, cfg.fsdp, resolve_dtype(cfg.train.dtype, device))
     if cfg.engine == "deepspeed":
-        return DeepSpeedEngine(module, make_optimizer, cfg, env, device, load_universal)
-    return ENGINE_CLASSES[cfg.engine](module, make_optimizer, cfg, env, device)
+        return DeepSpeedEngine(*args, deepspeed_config(cfg.deepspeed, cfg.data.rows // env.world, env.world,
+                                                       cfg.train.grad_accum, cfg.optim.grad_clip, load_universal))
+    return DDPEngine(*args) if cfg.engine == "ddp" else Engine(*args)
 
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` is the current CUDA device when there is one, else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r}: not a device (auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {name!r}, but CUDA is not available")
+        raise ConfigError(f"device {name!r}: CUDA is not available")
     return device
 
 
@@ -477,15 +479,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def deepspeed_config(cfg: Any, world: int, load_universal: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config of a run: ``deepspeed.config`` (a JSON/YAML file) if given, then the run's keys.
+def autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> contextlib.AbstractContextManager:
+    """The forward's compute precision: autocast to ``dtype`` (nothing for float32). Sharded engines
+    pass ``cache=False``: they gather and free weights per block, and autocast's cache would keep a
+    low-precision copy of every gathered weight for the whole forward."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
+
+
+def deepspeed_config(d: DeepSpeedConfig, rows: int, world: int, grad_accum: int, grad_clip: float,
+                     load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a run: ``deepspeed.config`` (a JSON/YAML file) if given, then the run's keys
+    (``rows`` per rank, ``grad_accum`` micro-steps, ``grad_clip``).
 
     Batch sizes, accumulation and clipping always come from the run config (a file that says
     otherwise is corrected, with a note). Compute precision is the trainer's autocast
     (``train.dtype``) over float32 master weights, as for the other engines, so DeepSpeed's own
     fp16/bf16 modes stay off.
     """
-    d = cfg.deepspeed
     base: dict[str, Any] = {}
     if d.config:
         path = Path(d.config)
@@ -507,12 +519,11 @@ def deepspeed_config(cfg: Any, world: int, load_universal: bool = False) -> dict
         if zero["stage"] != 3:
             raise ConfigError(f"deepspeed.offload_params: parameter offload needs ZeRO stage 3, not {zero['stage']}")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    rows = cfg.data.rows // world
     ours = {
         "train_micro_batch_size_per_gpu": rows,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
-        "train_batch_size": rows * world * cfg.train.grad_accum,
-        "gradient_clipping": cfg.optim.grad_clip if zero["stage"] > 0 else 0.0,  # stage 0: the trainer clips
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": rows * world * grad_accum,
+        "gradient_clipping": grad_clip if zero["stage"] > 0 else 0.0,  # stage 0: the trainer clips
     }
     for key, value in ours.items():
         if key in base and base[key] != value:
