@@ -246,17 +246,17 @@ def build_dataset(args: argparse.Namespace, jsonl: Path, meta: dict, tokenizer: 
 
 def val_documents_dataset(args: argparse.Namespace, dataset: Path, jsonl: Path, tokenizer: str, out: Path) -> dict:
     """A token dataset (train split only) of the main dataset's val documents, in their val order."""
-    wanted = []
+    wanted = []  # the byte offset of each val document's line in the JSON-lines corpus
     with open(dataset / "val" / "documents.jsonl", encoding="utf-8") as f:
         for line in f:
-            wanted.append(json.loads(line)["line"])
-    rows, needed = {}, set(wanted)
-    with open(jsonl, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if number in needed:
-                rows[number] = line
+            wanted.append(json.loads(line)["offset"])
+    rows = []
+    with open(jsonl, "rb") as f:
+        for offset in wanted:
+            f.seek(offset)
+            rows.append(f.readline().decode("utf-8"))
     docs = out.parent / "val-documents.jsonl"
-    text = "".join(rows[n] for n in wanted)
+    text = "".join(rows)
     if not docs.exists() or docs.read_text(encoding="utf-8") != text:
         docs.write_text(text, encoding="utf-8")
     cfg = ShardsConfig(tokenizer=tokenizer, out=str(out), seq_len=args.seq_len, workers=args.workers,

@@ -11,7 +11,7 @@ from data_prep.chunks import EmbedConfig, embed_corpus
 from data_prep.faiss_index import IndexConfig, build_index
 from data_prep.inspection import describe_dataset, show_window
 from data_prep.retrieval import NeighboursConfig, find_neighbours
-from data_prep.shards import ShardsConfig, write_shards
+from data_prep.shards import ShardsConfig, merge, parse_task_range, write_shards
 from data_prep.tokenizer import TRAIN_THREADS, TokenizerConfig, train_tokenizer
 from data_prep.verify import verify_dataset
 from zarvan_dist.config import ConfigError
@@ -26,9 +26,11 @@ def _corpus_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("corpus")
     g.add_argument("--input", nargs="+", default=[], metavar="URL",
                    help="fsspec URLs, globs or directories (/data, file:///data/*.txt, memory://c, "
-                        "s3://bucket/prefix). .jsonl/.jsonl.gz: one document per line; any other file: "
-                        "one document. Default: this Python's standard library *.py files")
-    g.add_argument("--text-field", default="text", help="JSON field holding the text (default: text)")
+                        "s3://bucket/prefix). JSON lines (.jsonl, .json, .jsonl.gz, .jsonl.zst, .json.zst): one "
+                        "document per line; .parquet: one per row of --text-field; any other file: one "
+                        "document. Default: this Python's standard library *.py files")
+    g.add_argument("--text-field", default="text",
+                   help="JSON field or parquet column holding the text (default: text)")
     g.add_argument("--extensions", nargs="+", default=DEFAULT_EXTENSIONS, metavar="SUFFIX",
                    help="suffixes taken when walking a directory (explicit files and glob matches are "
                         "always taken; default: common text and code suffixes)")
@@ -66,17 +68,32 @@ def run_tokenizer(args: argparse.Namespace) -> None:
 def run_shards(args: argparse.Namespace) -> None:
     cfg = ShardsConfig(tokenizer=args.tokenizer, out=args.out, seq_len=args.seq_len, corpus=_corpus(args),
                        workers=args.workers, seed=args.seed, val_fraction=args.val_fraction,
-                       windows_per_shard=args.windows_per_shard, overwrite=args.overwrite)
-    s = write_shards(cfg, progress=not args.quiet)
+                       windows_per_shard=args.windows_per_shard, num_tasks=args.num_tasks,
+                       shuffle_buffer=args.shuffle_buffer, piece_bytes=args.piece_mb << 20, overwrite=args.overwrite)
+    tasks = parse_task_range(args.tasks, cfg.num_tasks) if args.tasks else None
+    s = write_shards(cfg, tasks, progress=not args.quiet)
+    kept = [t for t, what in s["tasks"].items() if what == "kept"]
+    print(f"tasks: {len(s['tasks']) - len(kept)} written, {len(kept)} kept from an earlier run "
+          f"(of {cfg.num_tasks}); encoded {s['tokens_encoded']:,} tokens in {s['seconds']:.1f} s "
+          f"({s['tokens_encoded'] / s['seconds']:,.0f} tokens/s) with {cfg.workers} worker(s) per task")
+    if tasks is None:
+        _print_merge(s)
+    else:
+        print(f"merge when every task has run: python -m data_prep merge --out {cfg.out}")
+
+
+def run_merge(args: argparse.Namespace) -> None:
+    _print_merge(merge(args.out))
+
+
+def _print_merge(s: dict) -> None:
     _print_corpus(s["corpus"])
-    print(f"{'split':<8}{'documents':>12}{'tokens':>16}{'windows':>12}{'shards':>8}{'kept':>6}{'tail dropped':>14}")
+    print(f"{'split':<8}{'documents':>12}{'tokens':>16}{'windows':>12}{'shards':>8}{'tail dropped':>14}")
     for name in SPLITS:
         t = s["splits"][name]
         print(f"{name:<8}{t['documents']:>12,}{t['tokens']:>16,}{t['windows']:>12,}{t['shards']:>8}"
-              f"{t['kept_shards']:>6}{t['tail_tokens']:>14}")
-    rate = s["tokens_encoded"] / s["seconds"]
-    print(f"encoded {s['tokens_encoded']:,} tokens in {s['seconds']:.1f} s ({rate:,.0f} tokens/s) "
-          f"with {cfg.workers} worker(s); wrote {s['output']}")
+              f"{t['tail_tokens']:>14}")
+    print(f"wrote {s['output'].rstrip('/')}/manifest.json")
 
 
 def run_verify(args: argparse.Namespace) -> None:
@@ -218,24 +235,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = jobs.add_parser(
         "shards", parents=[corpus], help="tokenize the corpus into WebDataset shards",
-        description="Shuffle documents with a seed, split train/val by a hash of each document, "
-                    "tokenize in worker processes and write DIR/{train,val}/shard-NNNNNN.tar (one "
-                    "window of seq_len + 1 tokens per sample), DIR/{train,val}/documents.jsonl, "
-                    "DIR/tokenizer.model and, last, DIR/manifest.json. Re-running after a kill "
-                    "resumes and ends byte-identical to an uninterrupted run.",
+        description="Cut the inputs into pieces, shuffle them with a seed and deal them to --num-tasks tasks. "
+                    "Each task streams its documents through a shuffle buffer, splits train/val by a hash of "
+                    "each document, tokenizes in --workers processes and writes "
+                    "DIR/tasks/TTTTT/{train,val}/shard-NNNNNN.tar (one window of seq_len + 1 tokens and its "
+                    "CRC-32 per sample), its documents lists and, last, its task.json. Without --tasks every "
+                    "task runs, then the merge writes DIR/{train,val}/documents.jsonl, DIR/tokenizer.model "
+                    "and, last, DIR/manifest.json. With --tasks A-B only those tasks run (another machine may "
+                    "run others into the same DIR); then `python -m data_prep merge --out DIR`. Re-running "
+                    "keeps finished tasks and writes the others again: the same bytes as an uninterrupted run.",
     )
     p.add_argument("--tokenizer", required=True, metavar="PATH", help="fsspec URL of the sentencepiece model")
     p.add_argument("--out", required=True, metavar="DIR", help="fsspec URL of the dataset directory")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per training window (a sample holds seq_len + 1)")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1; output does not depend on it)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the document shuffle (default: 0)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="tokenizer processes per task (default: 1; output does not depend on it)")
+    p.add_argument("--num-tasks", type=int, default=1,
+                   help="tasks the job is split into (default: 1); the output depends on it, not on where or in "
+                        "which order the tasks run")
+    p.add_argument("--tasks", default=None, metavar="A-B",
+                   help="run only tasks A..B (inclusive, 0-based; or one task A) and do not merge (default: all, "
+                        "then merge)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the piece and document shuffles (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.01,
                    help="expected fraction of documents in val, 0 for none (default: 0.01)")
     p.add_argument("--windows-per-shard", type=int, default=None,
                    help="windows per shard (default: about 2**25 tokens per shard)")
+    p.add_argument("--shuffle-buffer", type=int, default=4096,
+                   help="documents each task holds to shuffle its stream (default: 4096; 0: input order)")
+    p.add_argument("--piece-mb", type=int, default=256,
+                   help="large inputs are cut into pieces of about this many MiB (default: 256)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a dataset or unfinished run of another configuration in DIR")
+                   help="replace a dataset or tasks of another configuration in DIR")
     p.set_defaults(run=run_shards)
+
+    p = jobs.add_parser(
+        "merge", help="merge the finished tasks of a shards job into its manifest",
+        description="Check that every task of the shards job in DIR has finished (naming those that have not), "
+                    "then write DIR/{train,val}/documents.jsonl, DIR/tokenizer.model and, last, "
+                    "DIR/manifest.json listing every task's shards in task order.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="fsspec URL of the dataset directory")
+    p.set_defaults(run=run_merge)
 
     p = jobs.add_parser(
         "verify", help="check every shard against the manifest",

@@ -64,29 +64,40 @@ def document_keys(reader: WindowReader, split: str) -> np.ndarray:
 
 
 def stream_tokens(reader: WindowReader, split: str, start: int = 0) -> Iterator[np.ndarray]:
-    """The split's token stream from stream position ``start`` on, in blocks (windows overlap by
-    one token; each is taken without its last token, and the stream's very last token at the end)."""
+    """The split's token stream from stream position ``start`` on, in blocks.
+
+    The stream is the split's streams (one per task, see ``Manifest.streams``) one after the other,
+    each whole: its windows overlap by one token, so each is taken without its last token, and a
+    stream's very last token after its last window. A stream starts with a BOS, so the documents
+    met are those the split's documents list holds, in order.
+    """
     m = reader.manifest
-    windows = m.split(split).windows
-    if windows == 0:
-        return
-    total = windows * m.seq_len + 1
+    streams = m.streams(split)
+    lengths = [len(r) * m.seq_len + 1 for r in streams]
+    total = sum(lengths)
     if not 0 <= start <= total:
         raise ValueError(f"stream position {start} outside the {total} tokens of split {split}")
-    if start == total:
-        return
-    first = min(start // m.seq_len, windows - 1)
-    skip = start - first * m.seq_len
-    block: list[np.ndarray] = []
-    last = None
-    for last in reader.iter_windows(split, first):
-        block.append(last[skip:-1])
-        skip = 0
-        if len(block) == _WINDOWS_PER_READ:
+    for r, length in zip(streams, lengths):
+        if start >= length:
+            start -= length
+            continue
+        first = r.start + min(start // m.seq_len, len(r) - 1)
+        skip = start - (first - r.start) * m.seq_len
+        start = 0
+        block: list[np.ndarray] = []
+        windows = reader.iter_windows(split, first)
+        for i in range(first, r.stop):
+            last = next(windows)
+            block.append(last[skip:-1])
+            if i == r.stop - 1:
+                block.append(last[max(skip, m.seq_len):])
+            skip = 0
+            if len(block) >= _WINDOWS_PER_READ:
+                yield np.concatenate(block).astype(np.int64)
+                block = []
+        windows.close()
+        if block:
             yield np.concatenate(block).astype(np.int64)
-            block = []
-    block.append(last[-1:] if skip == 0 else last[skip:])
-    yield np.concatenate(block).astype(np.int64)
 
 
 @dataclass

@@ -15,6 +15,7 @@ def describe_dataset(reader: WindowReader) -> str:
     m = reader.manifest
     lines = [
         f"dataset     {reader.root}",
+        f"format      version {m.version}" + (f", {m.tasks} task(s), a CRC-32 per window" if m.has_crc else ""),
         f"seq_len     {m.seq_len} (windows of {m.seq_len + 1} tokens, consecutive windows share one)",
         f"vocab       {m.vocab_size} ({m.dtype}); bos {m.bos_id} eos {m.eos_id} pad {m.pad_id} unk {m.unk_id}",
         f"tokenizer   {m.tokenizer.path} sha256 {m.tokenizer.sha256[:16]}... (from {m.tokenizer.source})",

@@ -216,7 +216,9 @@ def find_neighbours(cfg: NeighboursConfig, progress: bool = True) -> dict[str, A
             rel = f"{split}/shard-{s:06d}.tar"
             put_atomic(fs, f"{root}/{rel}", data)
             done.append(NeighbourShard(rel, count, len(data), hashlib.sha256(data).hexdigest()))
-            bos.append(bos[s] + bos_count)
+            # a stream's very last token (after its last window's inputs) may be the BOS of a listed document
+            ends_stream = s + 1 == len(entry.shards) or not man.same_stream(split, s + 1)
+            bos.append(bos[s] + bos_count + int(ends_stream and windows[-1, -1] == man.bos_id))
             state["splits"][split], state["bos"][split] = [to_dict(d) for d in done], bos
             save_journal(fs, root, state)
             bar.update(count)

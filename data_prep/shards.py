@@ -1,16 +1,34 @@
-"""The ``shards`` job: documents -> one token stream per split -> windows -> WebDataset shards.
+"""The ``shards`` job: documents -> tasks -> one token stream per task and split -> windows -> shards.
 
-Documents are shuffled with ``seeded_permutation`` and sent to ``val`` when the first 8 bytes of
-their sha256, read as a fraction of 2**64, fall below ``val_fraction`` (so a document's split
-never depends on the seed or on the rest of the corpus). Each split's stream is its documents'
-tokens, each document led by BOS; window i is ``stream[i * seq_len : i * seq_len + seq_len + 1]``.
-The last ``tail_tokens`` tokens of a stream, fewer than a window, are not written and are counted
-in the manifest and the summary.
+**Tasks.** The inputs are cut into pieces (``data_prep.corpus.plan_pieces``: whole files, byte ranges
+of large JSON-lines files, row-group ranges of parquet files), the pieces shuffled with the seed
+(``seeded_permutation``) and dealt to ``num_tasks`` tasks as contiguous runs of about equal bytes.
+A task is a pure function of (inputs, configuration, its index): it streams its pieces' documents
+through a bounded shuffle buffer, sends each to ``val`` when the first 8 bytes of its sha256, read as
+a fraction of 2**64, fall below ``val_fraction`` (so a document's split never depends on the seed,
+the tasks or the rest of the corpus), encodes them (``workers`` processes, results in order) and
+cuts each split's stream -- its documents' tokens, each led by BOS -- into windows
+(``stream[i * seq_len : i * seq_len + seq_len + 1]``) and shards of ``windows_per_shard`` windows.
+A task's stream ends at its last whole window: the tokens after it (fewer than a window) are
+counted, not written. The task writes, under ``OUT/tasks/TTTTT/``::
 
-Resuming: after each shard is renamed into place, ``progress.json`` records it with the document
-and token offset where the next shard begins. A re-run with the same configuration checks the
-recorded shards' sha256, keeps the good prefix, and starts tokenizing again at that point, so it
-ends with the same bytes as a run that was never stopped.
+    train/shard-000000.tar ...   its windows of each split (format version 2: key ``TTTTT-WWWWWWWWWWWW``,
+    val/shard-000000.tar ...     the tokens and their CRC-32; see zarvan_dist.data.shards)
+    train/documents.jsonl        its documents of each split in stream order: source, offset, sha256
+    val/documents.jsonl
+    task.json                    written last: the job, what the task read, every file's size and sha256
+
+**Merge.** Once every task has its ``task.json``, the merge writes ``OUT/tokenizer.model``, each
+split's ``OUT/SPLIT/documents.jsonl`` (the tasks' lists in task order) and, last,
+``OUT/manifest.json`` listing every task's shards in task order. A missing task stops the merge,
+named. The dataset's bytes depend on the inputs, the configuration and ``num_tasks`` only: not on
+the workers, on the machines, or on the order in which tasks ran or finished.
+
+**Resuming.** A task whose ``task.json`` records this job and whose files match it is kept; any other
+task (never run, killed, damaged) is written again from its start, which gives the same bytes.
+
+**Memory** is bounded per task: the shuffle buffer (``shuffle_buffer`` documents), a few encoding
+batches per worker, one shard's worth of tokens per split and one read block; not the corpus size.
 """
 
 from __future__ import annotations
@@ -23,17 +41,17 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
-import fsspec
 import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
 from data_prep import DataPrepError
-from data_prep.corpus import CorpusConfig, CorpusStats, Document, read_corpus, seeded_permutation
-from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic, read_journal, save_journal
+from data_prep.corpus import CorpusConfig, CorpusStats, Document, Piece, iter_documents, plan_pieces, seeded_permutation
+from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic
 from zarvan_dist.config import ConfigError, from_dict, to_dict
+from zarvan_dist.data.hashing import splitmix64_outputs
 from zarvan_dist.data.manifest import (
     FORMAT,
     FORMAT_VERSION,
@@ -50,14 +68,14 @@ from zarvan_dist.data.shards import pack_shard, sample_bytes
 from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 
 TOKENIZER_NAME = "tokenizer.model"
+TASKS_DIR = "tasks"
+TASK_RECORD = "task.json"
+DOCUMENTS_NAME = "documents.jsonl"
 # Default shard size: about 2**25 tokens (64 MiB at uint16).
 SHARD_TOKENS = 1 << 25
-# Documents sent to a worker per task: enough text that pickling costs little against encoding.
+# Documents sent to a worker per batch: enough text that pickling costs little against encoding.
 _BATCH_CHARS = 1 << 20
 _BATCH_DOCS = 4096
-# With several workers, batches shrink towards the end (down to this size) so that no worker
-# idles while another finishes a large last batch; a small split is spread over all workers.
-_MIN_BATCH_CHARS = 1 << 16
 
 
 @dataclass
@@ -73,138 +91,470 @@ class ShardsConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Documents to write."""
     workers: int = 1
-    """Tokenizer processes (1: tokenize in the job's own process). Output does not depend on it."""
+    """Tokenizer processes per task (1: tokenize in the task's own process). Output does not depend on it."""
     seed: int = 0
-    """Seed of the document shuffle."""
+    """Seed of the piece shuffle and of each task's shuffle buffer."""
     val_fraction: float = 0.01
     """Expected fraction of documents in the val split; 0 for no val split."""
     windows_per_shard: int | None = None
     """Windows per shard; None picks about 2**25 tokens per shard."""
+    num_tasks: int = 1
+    """Tasks the job is split into; the output depends on it (and not on where or in which order they run)."""
+    shuffle_buffer: int = 4096
+    """Documents a task holds to shuffle its stream (0 or 1: no shuffle within a task)."""
+    piece_bytes: int = 256 << 20
+    """Large inputs are cut into pieces of about this many bytes (see ``data_prep.corpus.plan_pieces``)."""
     overwrite: bool = False
-    """Replace a dataset or unfinished run of another configuration at ``out``."""
+    """Replace a dataset, or tasks, written by another configuration at ``out``."""
 
     def __post_init__(self) -> None:
-        if self.seq_len < 1:
-            raise ConfigError(f"seq_len: expected a positive integer, got {self.seq_len}")
-        if self.workers < 1:
-            raise ConfigError(f"workers: expected a positive integer, got {self.workers}")
-        if self.seed < 0:
-            raise ConfigError(f"seed: expected a non-negative integer, got {self.seed}")
+        for name in ("seq_len", "workers", "num_tasks", "piece_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        for name in ("seed", "shuffle_buffer"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: expected a non-negative integer, got {getattr(self, name)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction: expected a number in [0, 1), got {self.val_fraction}")
         if self.windows_per_shard is None:
             self.windows_per_shard = max(1, SHARD_TOKENS // (self.seq_len + 1))
         if self.windows_per_shard < 1:
             raise ConfigError(f"windows_per_shard: expected a positive integer, got {self.windows_per_shard}")
+        if self.corpus.max_docs is not None and self.num_tasks > 1:
+            raise ConfigError("max_docs: counts the documents of one stream; use it with num_tasks 1")
 
 
 @dataclass
-class SplitTotals:
-    """A finished split's stream."""
+class TaskSplit:
+    """One split of one task: its stream, shards and documents list."""
 
+    documents: int
     tokens: int
-    """Tokens in the stream."""
+    """Tokens in the task's stream of the split (BOS included)."""
     windows: int
-    """Windows written."""
     tail_tokens: int
-    """Tokens after the last window, not written."""
-
-
-@dataclass
-class SplitProgress:
-    """How far a split's shards are written."""
-
+    """Tokens after the last whole window: counted, not written."""
+    tail_documents: int
+    """Documents that start in the tail: counted, not listed."""
+    documents_path: str
+    documents_sha256: str
     shards: list[ShardEntry] = field(default_factory=list)
-    """Shards renamed into place, in order."""
-    starts: list[list[int]] = field(default_factory=lambda: [[0, 0]])
-    """starts[k] = [document index, token offset in it] where shard k's first window begins;
-    while the split is unfinished it has one more entry: where the next shard begins."""
-    finished: SplitTotals | None = None
-    """Set once the split's last shard is written."""
 
 
 @dataclass
-class Progress:
-    """Contents of ``progress.json``, the job's resume journal (readers ignore it)."""
+class TaskRecord:
+    """``OUT/tasks/TTTTT/task.json``: a finished task (written after its every other file)."""
 
     job: dict[str, Any]
-    """The configuration that wrote the shards."""
-    train: SplitProgress = field(default_factory=SplitProgress)
-    """Progress of the train split."""
-    val: SplitProgress = field(default_factory=SplitProgress)
-    """Progress of the val split."""
+    """The job configuration; a task of another one is not merged."""
+    task: int
+    train: TaskSplit
+    val: TaskSplit
+    corpus: dict[str, Any] = field(default_factory=dict)
+    """``CorpusStats`` of the task's pieces."""
+    pieces: int = 0
+    """Pieces of the input the task read."""
+    tokenizer: str = ""
+    """URL of the sentencepiece model the task read (the merge copies it into the dataset)."""
 
 
-def split_documents(docs: list[Document], seed: int, val_fraction: float) -> dict[str, list[Document]]:
-    """The shuffled documents of each split (``train``, ``val``)."""
-    threshold = val_fraction * 2.0**64
-    out: dict[str, list[Document]] = {name: [] for name in SPLITS}
-    for i in seeded_permutation(len(docs), seed):
-        doc = docs[i]
-        out["val" if int.from_bytes(doc.sha256[:8], "big") < threshold else "train"].append(doc)
-    return out
+@dataclass
+class JobPlan:
+    """What every task of a job is given: the configuration fingerprint and its pieces."""
+
+    job: dict[str, Any]
+    """Everything the output depends on (recorded in every task.json and the manifest)."""
+    tasks: list[list[Piece]]
+    """The pieces of each task, in reading order."""
+    stats: CorpusStats
+    """What planning met: the inputs' description, files skipped while listing them."""
 
 
-def corpus_sha256(docs: list[Document]) -> str:
-    """Fingerprint of the documents in input order: their sources and text hashes."""
-    h = hashlib.sha256()
-    for doc in docs:
-        h.update(f"{doc.source}\0{doc.line}\0".encode())
-        h.update(doc.sha256)
-    return h.hexdigest()
+def plan_job(cfg: ShardsConfig, tokenizer_sha256: str) -> JobPlan:
+    """The job's pieces, shuffled with the seed and dealt to the tasks as contiguous runs of about equal bytes."""
+    pieces, stats = plan_pieces(cfg.corpus, cfg.piece_bytes)
+    if not pieces:
+        raise DataPrepError(f"no input files ({stats.description}; skipped: {stats.skipped})")
+    pieces = [pieces[i] for i in seeded_permutation(len(pieces), cfg.seed)]
+    total = sum(max(p.size, 1) for p in pieces)
+    tasks: list[list[Piece]] = [[] for _ in range(cfg.num_tasks)]
+    done = 0
+    for piece in pieces:  # a piece goes to the task whose share of the bytes holds its middle
+        weight = max(piece.size, 1)
+        tasks[min(cfg.num_tasks - 1, (2 * done + weight) * cfg.num_tasks // (2 * total))].append(piece)
+        done += weight
+    fingerprint = hashlib.sha256(json.dumps([to_dict(p) for p in pieces]).encode()).hexdigest()
+    # round-tripped through JSON so that it compares equal to the copies the tasks recorded
+    job = json.loads(json.dumps({
+        "corpus": to_dict(cfg.corpus), "seed": cfg.seed, "val_fraction": cfg.val_fraction, "seq_len": cfg.seq_len,
+        "windows_per_shard": cfg.windows_per_shard, "num_tasks": cfg.num_tasks, "shuffle_buffer": cfg.shuffle_buffer,
+        "piece_bytes": cfg.piece_bytes, "tokenizer_sha256": tokenizer_sha256, "pieces_sha256": fingerprint,
+    }))
+    return JobPlan(job, tasks, stats)
 
 
-def write_shards(cfg: ShardsConfig, progress: bool = True) -> dict:
-    """Run the job: read, shuffle, split, tokenize, write shards, documents lists and manifest.
+def parse_task_range(text: str, num_tasks: int) -> range:
+    """``A-B`` (inclusive) or ``A`` as the range of task indices it names, checked against ``num_tasks``."""
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ConfigError(f"tasks: {text!r} is not A-B or A (task indices)") from None
+    if not 0 <= lo <= hi < num_tasks:
+        raise ConfigError(f"tasks: {text!r} is not a range within the {num_tasks} tasks 0-{num_tasks - 1}")
+    return range(lo, hi + 1)
 
-    Returns a summary: per split documents/tokens/windows/shards/tail_tokens and how many shards
-    were kept from an earlier run, the corpus stats, tokens encoded by this run and seconds.
+
+def write_shards(cfg: ShardsConfig, tasks: range | None = None, progress: bool = True) -> dict:
+    """Run the job: the tasks in ``tasks`` (default: all), then, when ``tasks`` is None, the merge.
+
+    Returns a summary: per task whether it was kept or written; with the merge, per split
+    documents / tokens / windows / shards / tail_tokens and the corpus stats; tokens encoded, seconds.
     """
     start = time.perf_counter()
     tokenizer = load_tokenizer(cfg.tokenizer)
-    sp, model = tokenizer.processor, tokenizer.data
-    vocab_size = tokenizer.vocab_size
-    dtype = dtype_for_vocab(vocab_size)
-    docs, stats = read_corpus(cfg.corpus, progress)
-    splits = split_documents(docs, cfg.seed, cfg.val_fraction)
-    if not splits["train"]:
-        raise DataPrepError(f"no training documents ({stats.description}; skipped: {stats.skipped})")
-    if cfg.val_fraction > 0 and not splits["val"]:
-        raise DataPrepError(
-            f"--val-fraction {cfg.val_fraction} put none of the {len(docs)} documents in val: "
-            f"raise it, or pass 0 for no val split"
-        )
-    # Round-tripped through JSON so that it compares equal to the copy an earlier run recorded.
-    job = json.loads(json.dumps({
-        "corpus": to_dict(cfg.corpus),
-        "seed": cfg.seed,
-        "val_fraction": cfg.val_fraction,
-        "seq_len": cfg.seq_len,
-        "windows_per_shard": cfg.windows_per_shard,
-        "tokenizer_sha256": tokenizer.sha256,
-        "corpus_sha256": corpus_sha256(docs),
-    }))
-    fs, root = filesystem(cfg.out)
-    writer = _Writer(fs, root.rstrip("/"), cfg.out.rstrip("/"), cfg.seq_len, cfg.windows_per_shard, dtype, progress)
-    state = writer.load_progress(job, cfg.overwrite)
-    summary: dict[str, Any] = {"output": cfg.out, "corpus": stats, "splits": {}}
-    encoded = 0
-    with _encoder(model, dtype, cfg.workers) as encode:
-        # val first: it is small, so a split too short for one window is reported at once.
-        for name in ("val", "train"):
-            kept, n = writer.write_split(name, splits[name], state, encode)
-            encoded += n
-            summary["splits"][name] = {"kept_shards": kept}
-    manifest = writer.finish(state, splits, sp, model, cfg.tokenizer, stats)
-    for name in SPLITS:
-        entry = manifest.split(name)
-        summary["splits"][name].update(
-            documents=entry.documents, tokens=entry.tokens, windows=entry.windows,
-            shards=len(entry.shards), tail_tokens=entry.tail_tokens,
-        )
-    summary["tokens_encoded"] = encoded
+    plan = plan_job(cfg, tokenizer.sha256)
+    out = _Output(cfg.out)
+    out.check_manifest(plan.job, cfg.overwrite)
+    summary: dict[str, Any] = {"output": cfg.out, "tasks": {}, "tokens_encoded": 0}
+    dtype = dtype_for_vocab(tokenizer.vocab_size)
+    with _encoder(tokenizer.data, dtype, cfg.workers) as encode:
+        for t in tasks if tasks is not None else range(cfg.num_tasks):
+            if out.finished_task(t, plan.job, cfg.overwrite) is not None:
+                summary["tasks"][t] = "kept"
+                continue
+            record, encoded = _TaskWriter(out, cfg, plan, t, encode, dtype, progress).run()
+            out.put(out.task_path(t, TASK_RECORD), (json.dumps(to_dict(record), indent=1) + "\n").encode())
+            summary["tasks"][t] = "written"
+            summary["tokens_encoded"] += encoded
+    if tasks is None:
+        summary.update(merge(cfg.out))
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+def merge(url: str) -> dict:
+    """Merge the finished tasks at ``url`` into its manifest (see the module docstring).
+
+    Returns the per-split totals and the corpus stats. A task that has not finished is a DataPrepError
+    naming it.
+    """
+    out = _Output(url)
+    records = out.task_records()
+    if not records:
+        raise DataPrepError(f"{url}: no finished task (no {TASKS_DIR}/*/{TASK_RECORD}): run `python -m data_prep "
+                            f"shards` first")
+    job = records[min(records)].job
+    n = job["num_tasks"]
+    missing = [t for t in range(n) if t not in records or records[t].job != job]
+    if missing:
+        shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+        raise DataPrepError(f"{url}: {len(missing)} of the {n} tasks have not finished (no {TASK_RECORD} of this "
+                            f"job): task {shown}; run them (`python -m data_prep shards ... --num-tasks {n} "
+                            f"--tasks A-B`), then merge again")
+    tasks = [records[t] for t in range(n)]
+    tokenizer_url = tasks[0].tokenizer
+    tokenizer = load_tokenizer(tokenizer_url)
+    if tokenizer.sha256 != job["tokenizer_sha256"]:
+        raise DataPrepError(f"tokenizer {tokenizer_url} has changed since the tasks were encoded with it "
+                            f"(sha256 {tokenizer.sha256[:12]}..., the tasks recorded {job['tokenizer_sha256'][:12]}...)")
+    sp = tokenizer.processor
+    stats = _sum_stats(tasks)
+    entries = {}
+    for name in SPLITS:
+        parts = [getattr(r, name) for r in tasks]
+        path, sha = out.concatenate([p.documents_path for p in parts], f"{name}/{DOCUMENTS_NAME}")
+        entries[name] = SplitEntry(
+            documents=sum(p.documents for p in parts), tokens=sum(p.tokens for p in parts),
+            windows=sum(p.windows for p in parts), tail_tokens=sum(p.tail_tokens for p in parts),
+            tail_documents=sum(p.tail_documents for p in parts),
+            documents_path=path, documents_sha256=sha, shards=[s for p in parts for s in p.shards])
+    read = {name: e.documents + e.tail_documents for name, e in entries.items()}
+    if job["val_fraction"] > 0 and not read["val"]:
+        raise DataPrepError(f"--val-fraction {job['val_fraction']} put none of the {sum(read.values())} documents in "
+                            f"val: raise it, or pass 0 for no val split")
+    for name in SPLITS:
+        e = entries[name]
+        if read[name] and not e.windows:
+            hint = ", or a larger --val-fraction" if name == "val" else ""
+            raise DataPrepError(f"the {name} split holds {e.tokens} tokens in {read[name]} documents, fewer than one "
+                                f"window of seq_len + 1 = {job['seq_len'] + 1} tokens in any of the {n} tasks: use "
+                                f"more input, a smaller --seq-len or fewer --num-tasks{hint}")
+    if not read["train"]:
+        raise DataPrepError(f"no training documents ({stats.description}; skipped: {stats.skipped})")
+    out.put(TOKENIZER_NAME, tokenizer.data)
+    dtype = dtype_for_vocab(sp.get_piece_size())
+    manifest = Manifest(
+        format=FORMAT, version=FORMAT_VERSION, seq_len=job["seq_len"], vocab_size=sp.get_piece_size(), dtype=dtype,
+        bos_id=sp.bos_id(), eos_id=sp.eos_id(), pad_id=sp.pad_id(), unk_id=sp.unk_id(),
+        tokenizer=TokenizerEntry(path=TOKENIZER_NAME, sha256=job["tokenizer_sha256"],
+                                 source=tokenizer_url),
+        windows_per_shard=job["windows_per_shard"], sample_bytes=sample_bytes(job["seq_len"], dtype, crc=True),
+        splits=Splits(**entries), corpus=to_dict(stats), job=job, tasks=n,
+    )
+    out.put(MANIFEST_NAME, manifest.to_json().encode())
+    return {"output": url, "corpus": stats, "splits": {name: {
+        "documents": e.documents, "tokens": e.tokens, "windows": e.windows, "shards": len(e.shards),
+        "tail_tokens": e.tail_tokens, "tail_documents": e.tail_documents} for name, e in entries.items()}}
+
+
+def _sum_stats(tasks: list[TaskRecord]) -> CorpusStats:
+    stats = CorpusStats()
+    skipped: dict[str, int] = {}
+    for r in tasks:
+        c = r.corpus
+        stats.description = stats.description or c.get("description", "")
+        stats.files += c.get("files", 0)
+        stats.documents += c.get("documents", 0)
+        stats.undecodable_documents += c.get("undecodable_documents", 0)
+        stats.undecodable_sequences += c.get("undecodable_sequences", 0)
+        for reason, k in c.get("skipped", {}).items():
+            skipped[reason] = skipped.get(reason, 0) + k
+    stats.skipped = dict(sorted(skipped.items()))
+    return stats
+
+
+class _Output:
+    """The dataset directory at fsspec URL ``url``: its files, tasks and manifest."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, root = filesystem(url)
+        self.root = root.rstrip("/")
+
+    def url_of(self, rel: str) -> str:
+        return f"{self.url}/{rel}"
+
+    def put(self, rel: str, data: bytes) -> None:
+        put_atomic(self.fs, f"{self.root}/{rel}", data)
+
+    @staticmethod
+    def task_path(task: int, rel: str = "") -> str:
+        return f"{TASKS_DIR}/{task:05d}" + (f"/{rel}" if rel else "")
+
+    def check_manifest(self, job: dict[str, Any], overwrite: bool) -> None:
+        """Refuse a dataset of another configuration at the output (or remove it, with ``overwrite``)."""
+        path = f"{self.root}/{MANIFEST_NAME}"
+        if not self.fs.exists(path):
+            return
+        try:
+            old = json.loads(self.fs.cat_file(path)).get("job", {})
+        except (ValueError, AttributeError):
+            old = {}
+        if old == job:
+            return
+        if not overwrite:
+            diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
+            raise DataPrepError(f"{self.url}/{MANIFEST_NAME} was written by another configuration (differs in: "
+                                f"{', '.join(diff)}); pass --overwrite to replace that dataset")
+        for name in (MANIFEST_NAME, PROGRESS_NAME, TOKENIZER_NAME, TASKS_DIR, *SPLITS):
+            if self.fs.exists(f"{self.root}/{name}"):
+                self.fs.rm(f"{self.root}/{name}", recursive=True)
+
+    def read_task(self, task: int) -> TaskRecord | None:
+        path = f"{self.root}/{self.task_path(task, TASK_RECORD)}"
+        try:
+            return from_dict(TaskRecord, json.loads(self.fs.cat_file(path)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, ConfigError, TypeError) as exc:
+            raise DataPrepError(f"{self.url}/{self.task_path(task, TASK_RECORD)}: unreadable ({exc}); remove "
+                                f"that task's directory and run the task again") from None
+
+    def task_records(self) -> dict[int, TaskRecord]:
+        """The finished tasks at the output, by index."""
+        records = {}
+        if self.fs.exists(f"{self.root}/{TASKS_DIR}"):
+            for path in self.fs.ls(f"{self.root}/{TASKS_DIR}", detail=False):
+                name = path.rstrip("/").rsplit("/", 1)[-1]
+                if name.isdigit() and (record := self.read_task(int(name))) is not None:
+                    records[int(name)] = record
+        return records
+
+    def finished_task(self, task: int, job: dict[str, Any], overwrite: bool) -> TaskRecord | None:
+        """Task ``task``'s record when it finished for ``job`` and its files match it; else None, its
+        directory cleared for a new run (a task of another job is refused unless ``overwrite``)."""
+        record = self.read_task(task)
+        if record is not None and record.job != job and not overwrite:
+            raise DataPrepError(f"{self.url}/{self.task_path(task)} was written by another configuration; pass "
+                                f"--overwrite to replace it, or choose another --out")
+        if record is not None and record.job == job:
+            files = [(p.documents_path, p.documents_sha256) for p in (record.train, record.val)]
+            files += [(s.path, s.sha256) for p in (record.train, record.val) for s in p.shards]
+            if all(self._intact(rel, sha) for rel, sha in files):
+                return record
+            print(f"note: task {task} at {self.url} has damaged or missing files: writing it again")
+        directory = f"{self.root}/{self.task_path(task)}"
+        if self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)
+        return None
+
+    def _intact(self, rel: str, sha256: str) -> bool:
+        try:
+            return hashlib.sha256(self.fs.cat_file(f"{self.root}/{rel}")).hexdigest() == sha256
+        except FileNotFoundError:
+            return False
+
+    def concatenate(self, parts: list[str], rel: str) -> tuple[str, str]:
+        """Write the files ``parts`` (paths relative to the output) one after the other to ``rel``,
+        streaming; returns (rel, its sha256)."""
+        h = hashlib.sha256()
+        path = f"{self.root}/{rel}"
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with self.fs.open(path + ".tmp", "wb") as dst:
+            for part in parts:
+                with self.fs.open(f"{self.root}/{part}", "rb") as src:
+                    for block in iter(lambda: src.read(1 << 20), b""):
+                        h.update(block)
+                        dst.write(block)
+        self.fs.mv(path + ".tmp", path)
+        return rel, h.hexdigest()
+
+
+def shuffled(docs: Iterable[Document], size: int, seed: int) -> Iterator[Document]:
+    """``docs`` through a shuffle buffer of ``size`` documents: once it is full, each arrival takes a slot
+    drawn from the splitmix64 stream of ``seed`` and sends out the document that held it; at the end the
+    rest leave in an order drawn the same way. Deterministic on every platform; memory is ``size``
+    documents. The buffer mixes documents within a stretch of about ``size`` of the stream, not across the
+    whole task (the pieces themselves are shuffled across tasks, see ``plan_job``)."""
+    if size <= 1:
+        yield from docs
+        return
+    buffer: list[Document] = []
+    draws: list[int] = []
+    drawn = 0
+    for doc in docs:
+        if len(buffer) < size:
+            buffer.append(doc)
+            continue
+        if not draws:  # the stream, 4096 draws at a time
+            draws = (splitmix64_outputs(seed, 4096, start=drawn) % np.uint64(size)).tolist()[::-1]
+            drawn += 4096
+        slot = draws.pop()
+        yield buffer[slot]
+        buffer[slot] = doc
+    yield from (buffer[i] for i in np.argsort(splitmix64_outputs(seed, len(buffer), start=drawn), kind="stable"))
+
+
+class _SplitWriter:
+    """One task's stream of one split: documents list, windows, shards.
+
+    The documents list holds the documents whose BOS is written (in a window, the last window's final
+    token included); one that starts in the tail is counted in ``tail_documents`` instead, so the list
+    is exactly the documents a reader of the windows meets, in order (the retrieval jobs rely on it).
+    """
+
+    def __init__(self, out: _Output, task: int, name: str, seq_len: int, windows_per_shard: int, dtype: str) -> None:
+        self.out, self.task, self.name = out, task, name
+        self.seq_len, self.windows_per_shard, self.dtype = seq_len, windows_per_shard, dtype
+        self.shards: list[ShardEntry] = []
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.tokens = 0
+        self.documents = 0
+        self.lines: deque[bytes] = deque()  # documents routed here whose tokens have not come back yet
+        self.placed: deque[tuple[int, bytes]] = deque()  # (stream position of the BOS, line), not yet listed
+        self.docs_rel = out.task_path(task, f"{name}/{DOCUMENTS_NAME}")
+        self.docs_path = f"{out.root}/{self.docs_rel}"
+        out.fs.makedirs(self.docs_path.rsplit("/", 1)[0], exist_ok=True)
+        self.docs_file = out.fs.open(self.docs_path + ".tmp", "wb")
+        self.docs_sha = hashlib.sha256()
+
+    def add_document(self, doc: Document) -> None:
+        self.lines.append((json.dumps({"source": doc.source, "offset": doc.offset, "sha256": doc.sha256.hex()})
+                           + "\n").encode())
+
+    def add_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """The tokens of the next ``len(lengths)`` documents routed here (each led by BOS)."""
+        starts = self.tokens + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        self.placed.extend((int(start), self.lines.popleft()) for start in starts)
+        self.buffer.append(tokens)
+        self.buffered += len(tokens)
+        self.tokens += len(tokens)
+        span = self.windows_per_shard * self.seq_len
+        if self.buffered < span + 1:
+            return
+        buf = np.concatenate(self.buffer)
+        while len(buf) >= span + 1:
+            self._put_shard(buf[:span + 1], self.windows_per_shard)
+            buf = buf[span:]
+        self.buffer, self.buffered = [buf.copy()], len(buf)
+
+    def _list_documents(self, written: int) -> None:
+        """List the documents whose BOS lies in the first ``written`` tokens of the stream."""
+        while self.placed and self.placed[0][0] < written:
+            line = self.placed.popleft()[1]
+            self.docs_file.write(line)
+            self.docs_sha.update(line)
+            self.documents += 1
+
+    def finish(self) -> TaskSplit:
+        L = self.seq_len
+        buf = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+        n = (len(buf) - 1) // L if len(buf) > L else 0
+        if n:
+            self._put_shard(buf[:n * L + 1], n)
+        windows = sum(s.windows for s in self.shards)
+        self._list_documents(windows * L + 1 if windows else 0)
+        tail = self.tokens - (windows * L + 1) if windows else self.tokens
+        self.docs_file.close()
+        self.out.fs.mv(self.docs_path + ".tmp", self.docs_path)
+        return TaskSplit(documents=self.documents, tokens=self.tokens, windows=windows, tail_tokens=tail,
+                         tail_documents=len(self.placed), documents_path=self.docs_rel,
+                         documents_sha256=self.docs_sha.hexdigest(), shards=self.shards)
+
+    def _put_shard(self, stream: np.ndarray, n: int) -> None:
+        """Write the next shard: the n windows of ``stream`` (n * seq_len + 1 tokens)."""
+        L, k = self.seq_len, len(self.shards)
+        windows = np.lib.stride_tricks.sliding_window_view(stream, L + 1)[::L]
+        first = k * self.windows_per_shard
+        data = pack_shard(windows, first, self.task)
+        rel = self.out.task_path(self.task, f"{self.name}/shard-{k:06d}.tar")
+        self.out.put(rel, data)
+        self.shards.append(ShardEntry(path=rel, windows=n, tokens=n * (L + 1), bytes=len(data),
+                                      sha256=hashlib.sha256(data).hexdigest(), task=self.task, first_key=first))
+        self._list_documents((first + n) * L + 1)
+
+
+class _TaskWriter:
+    """Runs task ``task`` of a job from its start (see the module docstring)."""
+
+    def __init__(self, out: _Output, cfg: ShardsConfig, plan: JobPlan, task: int, encode: Callable, dtype: str,
+                 progress: bool) -> None:
+        self.out, self.cfg, self.plan, self.task, self.encode = out, cfg, plan, task, encode
+        self.dtype, self.progress = dtype, progress
+
+    def run(self) -> tuple[TaskRecord, int]:
+        cfg, t = self.cfg, self.task
+        pieces = self.plan.tasks[t]
+        writers = {name: _SplitWriter(self.out, t, name, cfg.seq_len, cfg.windows_per_shard, self.dtype)
+                   for name in SPLITS}
+        stats = CorpusStats(description=self.plan.stats.description)
+        threshold = cfg.val_fraction * 2.0**64
+        seed = int(splitmix64_outputs(cfg.seed, t + 1)[t])  # task t's own stream of draws
+        docs = shuffled(iter_documents(pieces, cfg.corpus, stats), cfg.shuffle_buffer, seed)
+        bar = tqdm(unit="doc", desc=f"task {t}", disable=not self.progress)
+        encoded, clock = 0, time.perf_counter()
+
+        def routed() -> Iterator[tuple[str, Document]]:
+            for doc in docs:
+                name = "val" if int.from_bytes(doc.sha256[:8], "big") < threshold else "train"
+                writers[name].add_document(doc)
+                bar.update(1)
+                yield name, doc
+
+        for name, (tokens, lengths) in self.encode(routed()):
+            writers[name].add_tokens(tokens, lengths)
+            encoded += len(tokens)
+            bar.set_postfix(tokens=encoded, tok_s=f"{encoded / (time.perf_counter() - clock):,.0f}")
+        bar.close()
+        splits = {name: w.finish() for name, w in writers.items()}
+        if t == 0:  # the listing's skips are counted once, with the first task
+            for reason, k in self.plan.stats.skipped.items():
+                stats.skipped[reason] = stats.skipped.get(reason, 0) + k
+        stats.skipped = dict(sorted(stats.skipped.items()))
+        return TaskRecord(job=self.plan.job, task=t, corpus=to_dict(stats), pieces=len(pieces),
+                          tokenizer=self.cfg.tokenizer, **splits), encoded
 
 
 # Worker-process state: the tokenizer is loaded once per process by the pool initializer.
@@ -223,232 +573,55 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 @contextlib.contextmanager
 def _encoder(model: bytes, dtype: str, workers: int) -> Iterator[Callable]:
-    """A function mapping a list of documents to their (tokens, lengths) per batch, in order.
+    """A function mapping a stream of (split, document) to (split, (tokens, lengths) of a batch of that
+    split's documents), in order.
 
-    Results are taken in submission order, so the output does not depend on which worker
-    finishes first; at most two batches per worker are in flight, which bounds memory.
+    Batches of each split are cut from its documents in stream order, and results are taken in
+    submission order, so the output does not depend on which worker finishes first; at most two
+    batches per worker are in flight, which bounds memory.
     """
     if workers == 1:
         _init_worker(model, dtype)
-        yield lambda docs: map(_encode_batch, document_batches(docs))
+
+        def inline(stream: Iterable[tuple[str, Document]]) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
+            for name, texts in document_batches(stream):
+                yield name, _encode_batch(texts)
+
+        yield inline
         return
     # concurrent.futures, not multiprocessing.Pool: when a worker dies (the OOM killer, a
     # signal) the pending results raise BrokenProcessPool instead of waiting forever
     with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model, dtype)) as pool:
-        def ordered(docs: list[Document]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def ordered(stream: Iterable[tuple[str, Document]]) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
             pending: deque = deque()
             try:
-                for batch in document_batches(docs, workers):
-                    pending.append(pool.submit(_encode_batch, batch))
+                for name, texts in document_batches(stream):
+                    pending.append((name, pool.submit(_encode_batch, texts)))
                     if len(pending) >= 2 * workers:
-                        yield pending.popleft().result()
+                        name, future = pending.popleft()
+                        yield name, future.result()
                 while pending:
-                    yield pending.popleft().result()
+                    name, future = pending.popleft()
+                    yield name, future.result()
             except BrokenProcessPool:
                 raise DataPrepError(
                     "a tokenizer worker process died (killed by the system, e.g. out of memory?); "
-                    "re-run the same command to resume from the last complete shard"
+                    "re-run the same command: finished tasks are kept"
                 ) from None
 
         yield ordered
 
 
-def document_batches(docs: list[Document], workers: int = 1) -> Iterator[list[str]]:
-    """The documents' texts in order, grouped into encoding tasks of up to about 1M characters.
-
-    With several workers a batch holds at most 1/(4 * workers) of the characters still to come
-    (but at least 64K), so the last batches are small and every worker stays busy to the end.
-    """
-    remaining = sum(len(doc.text) for doc in docs) if workers > 1 else 0
-    batch, chars = [], 0
-    for doc in docs:
-        batch.append(doc.text)
-        chars += len(doc.text)
-        limit = _BATCH_CHARS
-        if workers > 1:
-            limit = min(_BATCH_CHARS, max(_MIN_BATCH_CHARS, remaining // (4 * workers)))
-        if chars >= limit or len(batch) >= _BATCH_DOCS:
-            yield batch
-            remaining -= chars
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class _Writer:
-    """Writes one dataset directory: shards, journal, documents lists, tokenizer copy, manifest."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, url: str, seq_len: int,
-                 windows_per_shard: int, dtype: str, progress: bool):
-        self.fs, self.root, self.url = fs, root, url
-        self.seq_len, self.windows_per_shard, self.dtype = seq_len, windows_per_shard, dtype
-        self.progress = progress
-
-    def put(self, rel: str, data: bytes) -> None:
-        put_atomic(self.fs, f"{self.root}/{rel}", data)
-
-    def load_progress(self, job: dict[str, Any], overwrite: bool) -> Progress:
-        """The journal of an earlier run of this configuration, or a fresh one.
-
-        A manifest or journal of another configuration is refused, or removed under ``overwrite``.
-        """
-        journal = read_journal(self.fs, self.root)
-        recorded = {MANIFEST_NAME: self._manifest_job(),
-                    PROGRESS_NAME: None if journal is None else journal.get("job", {})}
-        for name, old in recorded.items():
-            if old is not None and old != job:
-                if not overwrite:
-                    diff = [k for k in sorted(set(old) | set(job)) if old.get(k) != job.get(k)]
-                    raise DataPrepError(
-                        f"{self.url}/{name} was written by another configuration (differs in: "
-                        f"{', '.join(diff)}); pass --overwrite to replace that dataset"
-                    )
-                self._remove_dataset()
-                return Progress(job=job)
-        return from_dict(Progress, journal) if journal is not None else Progress(job=job)
-
-    def _manifest_job(self) -> dict[str, Any] | None:
-        """The ``job`` of a manifest in the directory ({} where it records none), or None without a manifest."""
-        path = f"{self.root}/{MANIFEST_NAME}"
-        if not self.fs.exists(path):
-            return None
-        try:
-            return json.loads(self.fs.cat_file(path))["job"]
-        except (ValueError, KeyError, TypeError):
-            return {}
-
-    def _remove_dataset(self) -> None:
-        for name in (MANIFEST_NAME, PROGRESS_NAME, TOKENIZER_NAME, *SPLITS):
-            path = f"{self.root}/{name}"
-            if self.fs.exists(path):
-                self.fs.rm(path, recursive=True)
-
-    def _intact(self, shard: ShardEntry) -> bool:
-        path = f"{self.root}/{shard.path}"
-        try:
-            if self.fs.size(path) != shard.bytes:
-                return False
-            return hashlib.sha256(self.fs.cat_file(path)).hexdigest() == shard.sha256
-        except FileNotFoundError:
-            return False
-
-    def write_split(self, name: str, docs: list[Document], state: Progress,
-                    encode: Callable) -> tuple[int, int]:
-        """Write the shards of one split from where ``state`` left off.
-
-        Returns (shards kept from an earlier run, tokens encoded now). Updates ``state`` and the
-        journal after every shard.
-        """
-        split: SplitProgress = getattr(state, name)
-        kept = 0
-        while kept < len(split.shards) and self._intact(split.shards[kept]):
-            kept += 1
-        if split.finished is not None and kept == len(split.shards):
-            return kept, 0
-        if not docs:
-            setattr(state, name, SplitProgress(starts=[], finished=SplitTotals(0, 0, 0)))
-            return 0, 0
-        first_doc, skip = split.starts[kept]
-        split = SplitProgress(shards=split.shards[:kept], starts=split.starts[:kept + 1])
-        setattr(state, name, split)
-        self.fs.makedirs(f"{self.root}/{name}", exist_ok=True)
-
-        L, W = self.seq_len, self.windows_per_shard
-        span = W * L                 # stream tokens a full shard advances by
-        pos = kept * span            # stream index of the first buffered token
-        end = pos - skip             # stream index just past the last token received
-        chunks: list[np.ndarray] = []
-        doc_ids = np.zeros(0, np.int64)      # documents that may still hold a future shard start
-        doc_starts = np.zeros(0, np.int64)   # ... and their stream index
-        encoded = 0
-        clock = time.perf_counter()
-        bar = tqdm(total=len(docs), initial=first_doc, unit="doc", desc=name, disable=not self.progress)
-        next_doc = first_doc
-        for tokens, lengths in encode(docs[first_doc:]):
-            starts = end + np.concatenate(([0], np.cumsum(lengths)[:-1]))
-            doc_ids = np.concatenate((doc_ids, np.arange(next_doc, next_doc + len(lengths))))
-            doc_starts = np.concatenate((doc_starts, starts))
-            next_doc += len(lengths)
-            chunks.append(tokens[max(0, pos - end):])
-            end += len(tokens)
-            encoded += len(tokens)
-            bar.update(len(lengths))
-            bar.set_postfix(tokens=encoded, tok_s=f"{encoded / (time.perf_counter() - clock):,.0f}")
-            if end - pos < span + 1:
-                continue
-            buf = np.concatenate(chunks)
-            while len(buf) >= span + 1:
-                self._put_shard(name, split, buf[:span + 1], W)
-                buf, pos = buf[span:], pos + span
-                j = int(np.searchsorted(doc_starts, pos, side="right")) - 1
-                doc_ids, doc_starts = doc_ids[j:], doc_starts[j:]
-                split.starts.append([int(doc_ids[0]), int(pos - doc_starts[0])])
-                self._save(state)
-            chunks = [buf.copy()]
-        bar.close()
-
-        buf = np.concatenate(chunks) if chunks else np.zeros(0, self.dtype)
-        n = (len(buf) - 1) // L if len(buf) > L else 0
-        if n == 0 and not split.shards:
-            hint = ", or a larger --val-fraction" if name == "val" else ""
-            raise DataPrepError(
-                f"the {name} split holds {len(buf)} tokens in {len(docs)} documents, fewer than "
-                f"one window of seq_len + 1 = {L + 1} tokens: use more input or a smaller --seq-len{hint}"
-            )
-        full_shards = len(split.shards)
-        if n:
-            self._put_shard(name, split, buf[:n * L + 1], n)
-        else:
-            split.starts.pop()
-        split.finished = SplitTotals(tokens=end, windows=full_shards * W + n, tail_tokens=len(buf) - n * L - 1)
-        self._save(state)
-        return kept, encoded
-
-    def _put_shard(self, name: str, split: SplitProgress, stream: np.ndarray, n: int) -> None:
-        """Write shard ``len(split.shards)`` holding the n windows of ``stream`` (n * seq_len + 1 tokens)."""
-        L = self.seq_len
-        k = len(split.shards)
-        windows = np.lib.stride_tricks.sliding_window_view(stream, L + 1)[::L]
-        data = pack_shard(windows, k * self.windows_per_shard)
-        entry = ShardEntry(path=f"{name}/shard-{k:06d}.tar", windows=n, tokens=n * (L + 1),
-                           bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-        self.put(entry.path, data)
-        split.shards.append(entry)
-
-    def _save(self, state: Progress) -> None:
-        save_journal(self.fs, self.root, to_dict(state))
-
-    def finish(self, state: Progress, splits: dict[str, list[Document]], sp: spm.SentencePieceProcessor,
-               model: bytes, tokenizer_url: str, stats: CorpusStats) -> Manifest:
-        """Write the documents lists, the tokenizer copy and, last, the manifest."""
-        entries = {}
-        for name in SPLITS:
-            lines = "".join(
-                json.dumps({"source": d.source, "line": d.line, "sha256": d.sha256.hex()}) + "\n"
-                for d in splits[name]
-            ).encode()
-            rel = f"{name}/documents.jsonl"
-            self.put(rel, lines)
-            progress: SplitProgress = getattr(state, name)
-            entries[name] = SplitEntry(
-                documents=len(splits[name]), tokens=progress.finished.tokens,
-                windows=progress.finished.windows, tail_tokens=progress.finished.tail_tokens,
-                documents_path=rel, documents_sha256=hashlib.sha256(lines).hexdigest(),
-                shards=progress.shards,
-            )
-        self.put(TOKENIZER_NAME, model)
-        manifest = Manifest(
-            format=FORMAT, version=FORMAT_VERSION, seq_len=self.seq_len,
-            vocab_size=sp.get_piece_size(), dtype=self.dtype, bos_id=sp.bos_id(), eos_id=sp.eos_id(),
-            pad_id=sp.pad_id(), unk_id=sp.unk_id(),
-            tokenizer=TokenizerEntry(path=TOKENIZER_NAME, sha256=hashlib.sha256(model).hexdigest(),
-                                     source=tokenizer_url),
-            windows_per_shard=self.windows_per_shard, sample_bytes=sample_bytes(self.seq_len, self.dtype),
-            splits=Splits(**entries), corpus=to_dict(stats), job=state.job,
-        )
-        self.put(MANIFEST_NAME, manifest.to_json().encode())
-        for directory in ("", *(f"/{name}" for name in SPLITS)):
-            for path in self.fs.ls(self.root + directory, detail=False):
-                if path.endswith(".tmp"):
-                    self.fs.rm(path)
-        return manifest
+def document_batches(stream: Iterable[tuple[str, Document]]) -> Iterator[tuple[str, list[str]]]:
+    """(split, texts) batches of up to about 1M characters or 4096 documents, each of one split, the
+    documents of a split in stream order."""
+    batches: dict[str, tuple[list[str], list[int]]] = {}
+    for name, doc in stream:
+        texts, chars = batches.setdefault(name, ([], [0]))
+        texts.append(doc.text)
+        chars[0] += len(doc.text)
+        if chars[0] >= _BATCH_CHARS or len(texts) >= _BATCH_DOCS:
+            yield name, texts
+            del batches[name]
+    for name, (texts, _) in batches.items():
+        yield name, texts

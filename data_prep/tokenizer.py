@@ -14,7 +14,7 @@ from typing import Iterator, Literal
 import sentencepiece as spm
 
 from data_prep import DataPrepError
-from data_prep.corpus import CorpusConfig, read_corpus, seeded_permutation
+from data_prep.corpus import CorpusConfig, sample_documents
 from data_prep.storage import filesystem, put_atomic
 from zarvan_dist.config import ConfigError
 from zarvan_dist.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, encode_documents, tokenizer_from_bytes
@@ -44,7 +44,7 @@ class TokenizerConfig:
     seed: int = 0
     """Seed of the document sample (and of sentencepiece's own sampling)."""
     sample_bytes: int = 100_000_000
-    """UTF-8 bytes of text to train on: whole documents in seeded order until this is reached."""
+    """UTF-8 bytes of text to train on: whole documents of smallest seeded key until this is reached."""
     threads: int = TRAIN_THREADS
     """Training threads; the model depends on this number, not on the machine's cores."""
 
@@ -85,18 +85,15 @@ def training_pieces(texts: list[str], limit: int = TRAIN_PIECE_BYTES) -> Iterato
 def train_tokenizer(cfg: TokenizerConfig, progress: bool = True) -> dict:
     """Train a sentencepiece model on a seeded sample of the corpus and write it to ``cfg.out``.
 
+    The sample (``sample_documents``) streams over the whole corpus and holds about ``cfg.sample_bytes``.
+
     Returns a summary: documents read and sampled, sample bytes, vocabulary size, seconds.
     """
     start = time.perf_counter()
-    docs, stats = read_corpus(cfg.corpus, progress)
-    if not docs:
+    sample, stats = sample_documents(cfg.corpus, cfg.sample_bytes, cfg.seed, progress)
+    if not sample:
         raise DataPrepError(f"no documents to train on ({stats.description}; skipped: {stats.skipped})")
-    sample, size = [], 0
-    for i in seeded_permutation(len(docs), cfg.seed):
-        if size >= cfg.sample_bytes:
-            break
-        sample.append(docs[i].text)
-        size += len(docs[i].text.encode("utf-8"))
+    size = sum(len(text.encode("utf-8")) for text in sample)
     model = io.BytesIO()
     spm.set_random_generator_seed(cfg.seed)
     try:

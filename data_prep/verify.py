@@ -15,9 +15,10 @@ from zarvan_dist.data.shards import DatasetError, unpack_shard
 def verify_dataset(url: str, progress: bool = True) -> dict:
     """Check the dataset at ``url``; raise DatasetError naming the first file that disagrees.
 
-    Per shard: size, sha256, then the content itself (member names and layout, window count, token
-    count, ids below vocab_size, and each window's first token equal to the previous window's
-    last). Also the tokenizer copy and the documents lists. Returns totals of what was checked.
+    Per shard: size, sha256, then the content itself (member names and layout, every window's CRC-32
+    in version 2, window count, token count, ids below vocab_size, and each window's first token equal
+    to the previous window's last within a task's stream). Also the tokenizer copy and the documents
+    lists. Returns totals of what was checked.
     """
     reader = WindowReader(url)
     m = reader.manifest
@@ -33,7 +34,8 @@ def verify_dataset(url: str, progress: bool = True) -> dict:
             where = reader.url(shard.path)
             data = _check_file(reader, shard.path, shard.sha256, shard.bytes)
             first = m.first_window(name, k)
-            windows = unpack_shard(data, first, m.seq_len, m.dtype, where)
+            key_window, task = m.window_key(name, first) if shard.windows else (first, shard.task)
+            windows = unpack_shard(data, key_window, m.seq_len, m.dtype, where, task)
             if len(windows) != shard.windows or windows.size != shard.tokens:
                 raise DatasetError(
                     f"{where}: {len(windows)} windows / {windows.size} tokens, "
@@ -41,7 +43,7 @@ def verify_dataset(url: str, progress: bool = True) -> dict:
                 )
             if windows.size and int(windows.max()) >= m.vocab_size:
                 raise DatasetError(f"{where}: token id {int(windows.max())} >= vocab_size {m.vocab_size}")
-            if last is not None and windows[0, 0] != last:
+            if last is not None and m.same_stream(name, k) and windows[0, 0] != last:
                 raise DatasetError(f"{where}: window {first} does not start with the previous shard's last token")
             bad = np.flatnonzero(windows[1:, 0] != windows[:-1, -1])
             if len(bad):

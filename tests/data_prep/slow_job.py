@@ -3,8 +3,10 @@
     python tests/data_prep/slow_job.py SECONDS JOB ARGS...    (JOB ARGS as for ``python -m data_prep``)
 
 runs the job with its journal writer, ``data_prep.storage.save_journal``, wrapped to sleep SECONDS after
-each journal that records a finished output, so a test can SIGKILL the job at a known point. The jobs
-themselves are unchanged: they import the wrapped writer.
+each journal that records a finished output (the retrieval jobs), and its file writer,
+``data_prep.storage.put_atomic``, wrapped to sleep SECONDS after each token shard it puts in place (the
+shards job), so a test can SIGKILL the job at a known point. The jobs themselves are unchanged: they
+import the wrapped writers.
 """
 
 from __future__ import annotations
@@ -34,19 +36,25 @@ def main(seconds: float, argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))  # as for ``python -m data_prep`` run in the repository
     from data_prep import storage
 
-    save = storage.save_journal
+    save, put = storage.save_journal, storage.put_atomic
 
     def save_slowly(fs, root: str, state: dict[str, Any]) -> None:
         save(fs, root, state)
         if recorded(state):
             time.sleep(seconds)
 
-    # before the jobs are imported, so that each binds the slow writer
-    storage.save_journal = save_slowly
+    def put_slowly(fs, path: str, data: bytes) -> None:
+        put(fs, path, data)
+        if path.rsplit("/", 1)[-1].startswith("shard-"):
+            time.sleep(seconds)
+
+    # before the jobs are imported, so that each binds the slow writers
+    storage.save_journal, storage.put_atomic = save_slowly, put_slowly
     from data_prep import chunks, faiss_index, retrieval, shards
     from data_prep.__main__ import main as run_job
 
-    assert all(job.save_journal is save_slowly for job in (shards, chunks, faiss_index, retrieval))
+    assert all(job.save_journal is save_slowly for job in (chunks, faiss_index, retrieval))
+    assert shards.put_atomic is put_slowly
     return run_job(argv)
 
 

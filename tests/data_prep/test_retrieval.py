@@ -92,12 +92,14 @@ def test_document_chunker_matches_a_plain_loop_for_any_blocks_and_resume_point()
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tokenizer_path, corpus_dir):
-    """A small dataset with its embeddings (several shards), default index and neighbours."""
+    """A small dataset of three tasks (so three streams per split) with its embeddings (several shards),
+    default index and neighbours."""
     root = tmp_path_factory.mktemp("retrieval")
     data = root / "data"
     write_shards(ShardsConfig(tokenizer=tokenizer_path, out=str(data), seq_len=SEQ_LEN, val_fraction=0.1,
-                              windows_per_shard=WINDOWS_PER_SHARD, corpus=CorpusConfig(inputs=[str(corpus_dir)])),
-                 progress=False)
+                              windows_per_shard=WINDOWS_PER_SHARD, corpus=CorpusConfig(inputs=[str(corpus_dir)]),
+                              num_tasks=3), progress=False)
+    assert all(len(WindowReader(str(data)).manifest.streams(split)) == 3 for split in ("train", "val"))
     emb = embed_corpus(EmbedConfig(corpus=str(data), chunk_len=M, chunks_per_shard=700), progress=False)
     index = build_index(str(data / "retrieval"), IndexConfig(), progress=False)
     neighbours = find_neighbours(NeighboursConfig(dataset=str(data), chunk_len=C, k=K), progress=False)
@@ -168,10 +170,12 @@ def test_no_neighbour_comes_from_the_query_chunks_own_document(built):
     for split in ("train", "val"):
         keys = document_keys(reader, split)
         docs_before = 0
-        for window, (ids, dist) in zip(reader.iter_windows(split), sidecar.iter_windows(split)):
+        stream_ends = {r.stop - 1 for r in reader.manifest.streams(split)}
+        for i, (window, (ids, dist)) in enumerate(zip(reader.iter_windows(split), sidecar.iter_windows(split))):
             inputs = window[:-1].astype(np.int64)
             doc = docs_before + np.cumsum(inputs == bos) - 1
-            docs_before += int((inputs == bos).sum())
+            # a stream's last token follows its last window's inputs: a BOS there starts a listed document
+            docs_before += int((inputs == bos).sum()) + int(i in stream_ends and window[-1] == bos)
             assert ids.shape == (-(-SEQ_LEN // C), K, 2 * M)
             for c in range(ids.shape[0]):
                 own = {int(keys[d]) for d in set(doc[c * C:(c + 1) * C].tolist())}

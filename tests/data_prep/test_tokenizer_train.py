@@ -103,3 +103,15 @@ def test_vocab_size_out_of_reach_is_a_clear_error(tmp_path):
     with pytest.raises(DataPrepError, match="could not train a bpe model of vocab size 5000.*Vocabulary size too high"):
         train_tokenizer(cfg, progress=False)
     assert not (tmp_path / "t.model").exists()
+
+
+def test_sample_is_seeded_and_independent_of_input_order(tmp_path, corpus_dir):
+    """A part of the corpus, about sample_bytes, chosen by the seed: the same model whatever the input order."""
+    prose, code = str(corpus_dir / "prose"), str(corpus_dir / "code")
+    orders = ([prose, code], [code, prose])
+    summaries = [train_tokenizer(TokenizerConfig(out=str(tmp_path / f"{i}.model"), vocab_size=400, sample_bytes=20_000,
+                                                 corpus=CorpusConfig(inputs=inputs)), progress=False)
+                 for i, inputs in enumerate(orders)]
+    assert summaries[0]["sha256"] == summaries[1]["sha256"]
+    s = summaries[0]
+    assert 20_000 <= s["sample_bytes"] < 25_000 and s["sample_documents"] < s["corpus"].documents == 80

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ from data_prep.verify import verify_dataset
 from zarvan_dist.config import ConfigError, to_dict
 from zarvan_dist.data import Manifest, ShardEntry, DatasetError, SplitEntry, Splits, TokenizerEntry, WindowReader
 from zarvan_dist.data.manifest import dtype_for_vocab
-from zarvan_dist.data.shards import npy_header, pack_shard, sample_bytes, sample_name
+from zarvan_dist.data.shards import npy_header, pack_shard, sample_bytes, sample_key, sample_name, unpack_shard
 
 
 def _build(root, windows_per_shard: int, n_windows: int, seq_len: int = 5, vocab: int = 70_000) -> np.ndarray:
-    """Write a hand-made dataset (train only) straight from pack_shard; return its token stream."""
+    """Write a hand-made dataset (train only, format version 1: version 2 is what data_prep writes, and
+    version 1 must still read) straight from pack_shard; return its token stream."""
     dtype = dtype_for_vocab(vocab)
     stream = (np.arange(n_windows * seq_len + 1) * 7919 % vocab).astype(dtype)
     (root / "train").mkdir(parents=True)
@@ -40,7 +42,7 @@ def _build(root, windows_per_shard: int, n_windows: int, seq_len: int = 5, vocab
         format="zarvan-token-shards", version=1, seq_len=seq_len, vocab_size=vocab, dtype=dtype,
         bos_id=1, eos_id=2, pad_id=3, unk_id=0,
         tokenizer=TokenizerEntry("tokenizer.model", hashlib.sha256(b"stand-in").hexdigest(), "test"),
-        windows_per_shard=windows_per_shard, sample_bytes=sample_bytes(seq_len, dtype),
+        windows_per_shard=windows_per_shard, sample_bytes=sample_bytes(seq_len, dtype, crc=False),
         splits=Splits(
             train=SplitEntry(0, len(stream), n_windows, 0, "train/documents.jsonl", empty, shards),
             val=SplitEntry(0, 0, 0, 0, "val/documents.jsonl", empty, []),
@@ -63,6 +65,7 @@ def test_locate_maps_windows_across_shards(tmp_path):
 
 
 def test_uint32_windows_read_back_by_range_and_by_stream(tmp_path):
+    """A dataset written the old way (format version 1) still reads, by range and by stream, and verifies."""
     stream = _build(tmp_path, windows_per_shard=3, n_windows=8, vocab=70_000)
     reader = WindowReader(str(tmp_path / "manifest.json"))
     assert reader.manifest.dtype == "uint32" and stream.max() > 65535
@@ -124,26 +127,41 @@ def test_seeded_permutation_matches_a_plain_statement():
     assert seeded_permutation(8, 0).tolist() == [2, 4, 6, 5, 1, 7, 0, 3]
 
 
-def _tarfile_shard(windows: np.ndarray, first: int) -> bytes:
-    """The shard layout written member by member with tarfile: the reference for pack_shard."""
+def _tarfile_shard(windows: np.ndarray, first: int, task: int | None) -> bytes:
+    """The shard layout written member by member with tarfile: the reference for pack_shard (version 2
+    with ``task``: each window's tokens, then its CRC-32 as 8 hex digits)."""
     header = npy_header(windows.shape[1] - 1, windows.dtype.str)
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for j, w in enumerate(windows):
-            data = header + w.tobytes()
-            info = tarfile.TarInfo(sample_name(first + j))
-            info.size, info.mtime, info.mode = len(data), 0, 0o444
-            tar.addfile(info, io.BytesIO(data))
+            members = [(sample_name(first + j, task), header + w.tobytes())]
+            if task is not None:
+                members.append((f"{sample_key(first + j, task)}.crc32", b"%08x" % zlib.crc32(w.tobytes())))
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o444
+                tar.addfile(info, io.BytesIO(data))
     return out.getvalue()
 
 
+@pytest.mark.parametrize("task", [None, 0, 12345])
 @pytest.mark.parametrize("n, seq_len, dtype, first", [
     (1, 1, np.uint16, 0), (5, 32, np.uint16, 0), (40, 1024, np.uint16, 99_990), (7, 5, np.uint32, 123_456_789),
 ])
-def test_pack_shard_matches_tarfile(n, seq_len, dtype, first):
+def test_pack_shard_matches_tarfile(n, seq_len, dtype, first, task):
     windows = np.random.default_rng(0).integers(0, 60_000, (n, seq_len + 1)).astype(dtype)
-    data = pack_shard(windows, first)
-    assert data == _tarfile_shard(windows, first)
-    stride = sample_bytes(seq_len, np.dtype(dtype).name)
+    data = pack_shard(windows, first, task)
+    assert data == _tarfile_shard(windows, first, task)
+    stride = sample_bytes(seq_len, np.dtype(dtype).name, crc=task is not None)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        assert [m.offset for m in tar] == [j * stride for j in range(n)]
+        assert [m.offset for m in tar][::1 if task is None else 2] == [j * stride for j in range(n)]
+    assert unpack_shard(data, first, seq_len, np.dtype(dtype).name, "shard", task).tolist() == windows.tolist()
+
+
+def test_a_flipped_token_byte_is_caught_by_its_crc():
+    windows = np.arange(3 * 33, dtype=np.uint16).reshape(3, 33)
+    data = bytearray(pack_shard(windows, 7, task=2))
+    stride = sample_bytes(32, "uint16", crc=True)
+    data[stride + 512 + 128 + 10] ^= 0x01  # a token of the second window, still below any vocabulary
+    with pytest.raises(DatasetError, match=r"shard sample 1: the tokens do not match their CRC-32"):
+        unpack_shard(bytes(data), 7, 32, "uint16", "shard", task=2)

@@ -1,6 +1,6 @@
 """Synthetic token datasets for the trainer tests: shards and manifest written straight from token
-streams (no tokenizer), in the exact layout ``data_prep shards`` writes, and neighbour sidecars of
-random ids in the layout ``data_prep retrieval neighbours`` writes. Imported, not a test."""
+streams (no tokenizer), in the layout ``data_prep shards`` writes (format version 2, one task), and
+neighbour sidecars of random ids in the layout ``data_prep retrieval neighbours`` writes. Imported, not a test."""
 
 from __future__ import annotations
 
@@ -44,11 +44,12 @@ def write_token_dataset(root: str | Path, streams: dict[str, np.ndarray], seq_le
         (root / name).mkdir(parents=True, exist_ok=True)
         shards = []
         for k, first in enumerate(range(0, n, windows_per_shard)):
-            data = pack_shard(windows[first:first + windows_per_shard], first)
+            data = pack_shard(windows[first:first + windows_per_shard], first, task=0)
             rel = f"{name}/shard-{k:06d}.tar"
             (root / rel).write_bytes(data)
             count = len(windows[first:first + windows_per_shard])
-            shards.append(ShardEntry(rel, count, count * (seq_len + 1), len(data), hashlib.sha256(data).hexdigest()))
+            shards.append(ShardEntry(rel, count, count * (seq_len + 1), len(data), hashlib.sha256(data).hexdigest(),
+                                     task=0, first_key=first))
         docs_rel = f"{name}/documents.jsonl"
         (root / docs_rel).write_text("")
         tail = len(stream) - (n * seq_len + 1) if n else 0
@@ -57,11 +58,11 @@ def write_token_dataset(root: str | Path, streams: dict[str, np.ndarray], seq_le
             windows=n, tail_tokens=tail, documents_path=docs_rel,
             documents_sha256=hashlib.sha256(b"").hexdigest(), shards=shards)
     manifest = Manifest(
-        format="zarvan-token-shards", version=1, seq_len=seq_len, vocab_size=vocab, dtype=dtype,
+        format="zarvan-token-shards", version=2, seq_len=seq_len, vocab_size=vocab, dtype=dtype,
         bos_id=BOS, eos_id=2, pad_id=3, unk_id=0,
         tokenizer=TokenizerEntry("tokenizer.model", hashlib.sha256(tokenizer).hexdigest() if tokenizer else "0" * 64,
                                  "given" if tokenizer else "synthetic"),
-        windows_per_shard=windows_per_shard, sample_bytes=sample_bytes(seq_len, dtype),
+        windows_per_shard=windows_per_shard, sample_bytes=sample_bytes(seq_len, dtype, crc=True),
         splits=Splits(**splits))
     (root / "manifest.json").write_text(manifest.to_json())
     return manifest

@@ -23,11 +23,12 @@ def splitmix64_mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def splitmix64_outputs(seed: int, n: int) -> np.ndarray:
-    """Outputs 1..n of the splitmix64 generator seeded with ``seed`` (taken modulo 2**64): [n] uint64.
+def splitmix64_outputs(seed: int, n: int, start: int = 0) -> np.ndarray:
+    """Outputs start + 1 .. start + n of the splitmix64 generator seeded with ``seed`` (taken modulo 2**64):
+    [n] uint64 (a long stream is taken block by block with ``start``).
 
     Output i is ``splitmix64_mix(seed + i * GOLDEN_GAMMA)``.
     """
     with np.errstate(over="ignore"):
-        states = np.uint64(int(seed) % (1 << 64)) + np.arange(1, n + 1, dtype=np.uint64) * GOLDEN_GAMMA
+        states = np.uint64(int(seed) % (1 << 64)) + np.arange(start + 1, start + n + 1, dtype=np.uint64) * GOLDEN_GAMMA
     return splitmix64_mix(states)

@@ -7,7 +7,7 @@ the neighbour sidecar's in ``zarvan_dist.data.neighbours``).
 from __future__ import annotations
 
 import tarfile
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
@@ -15,30 +15,34 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.data.shards import (
+    CRC_FIELD,
     FIELD,
     DatasetError,
-    sample_bytes,
+    check_crc,
     sample_key,
     unpack_payload,
     unpack_sample,
 )
 
 
-def check_sample(sample: dict, window: int, fields: Sequence[str], where: str) -> None:
-    """Raise DatasetError naming ``where`` unless the webdataset ``sample`` is ``window``'s with ``fields``."""
-    if sample["__key__"] != sample_key(window) or not all(f in sample for f in fields):
-        raise DatasetError(f"{where}: expected window {window} with field{'s' * (len(fields) > 1)} "
+def check_sample(sample: dict, window: int, fields: Sequence[str], where: str, key: str | None = None) -> None:
+    """Raise DatasetError naming ``where`` unless the webdataset ``sample`` is ``window``'s (key ``key``, by
+    default ``sample_key(window)``) with ``fields``."""
+    key = sample_key(window) if key is None else key
+    if sample["__key__"] != key or not all(f in sample for f in fields):
+        raise DatasetError(f"{where}: expected window {window} (key {key}) with field{'s' * (len(fields) > 1)} "
                            f"{' and '.join(fields)}, found key {sample['__key__']!r}")
 
 
 def iter_shard_samples(fs: fsspec.AbstractFileSystem, shards: Sequence[tuple[str, str]], offset: int,
                        stride: int, start: int, end: int, fields: Sequence[str], listing: str,
-                       label: str) -> Iterator[tuple[str, dict]]:
+                       label: str, key_of: Callable[[int], str] = sample_key) -> Iterator[tuple[str, dict]]:
     """The webdataset samples of windows ``start, ..., end - 1``, streamed from tar shards in order.
 
     shards: (URL, path in ``fs``) of each shard from the one holding window ``start`` on; it is opened
     at byte ``offset * stride`` (samples are ``stride`` bytes, ``offset`` windows precede ``start``
-    in it), so nothing before ``start`` is read. Yields (where, sample): ``where`` names the shard URL
+    in it), so nothing before ``start`` is read. ``key_of(window)`` is the key window ``window`` must
+    have (default: ``sample_key``). Yields (where, sample): ``where`` names the shard URL
     and the sample, for the caller's errors. Every error is a DatasetError: a missing shard names its
     URL and ``listing``, the file that lists it (e.g. "manifest"); a wrong key or field names the
     sample and the window expected; a tar error names ``label`` (e.g. "split train") and the window
@@ -60,7 +64,7 @@ def iter_shard_samples(fs: fsspec.AbstractFileSystem, shards: Sequence[tuple[str
     try:
         for sample in group_by_keys(tar_file_expander(streams())):
             where = f"{sample['__url__']} sample {sample['__key__']}"
-            check_sample(sample, window, fields, where)
+            check_sample(sample, window, fields, where, key_of(window))
             yield where, sample
             window += 1
     except (tarfile.TarError, OSError) as exc:
@@ -95,7 +99,7 @@ class WindowReader:
         """Window ``window`` of ``split`` with one ranged read of its shard."""
         m = self.manifest
         shard, offset = m.locate(split, window)
-        stride = sample_bytes(m.seq_len, m.dtype)
+        stride = m.sample_bytes
         where = self.url(shard.path)
         try:
             block = self.fs.cat_file(self.fs_path(shard.path), start=offset * stride, end=(offset + 1) * stride)
@@ -103,7 +107,8 @@ class WindowReader:
             raise DatasetError(f"{where}: shard listed in the manifest is missing") from None
         if len(block) != stride:
             raise DatasetError(f"{where}: truncated, sample {offset} is incomplete")
-        return unpack_sample(block, window, m.seq_len, m.dtype, where)
+        key_window, task = m.window_key(split, window)
+        return unpack_sample(block, key_window, m.seq_len, m.dtype, f"{where} sample {offset}", task)
 
     def iter_windows(self, split: str, start: int = 0) -> Iterator[np.ndarray]:
         """Windows ``start, start + 1, ...`` of ``split`` to its end, streamed with webdataset.
@@ -117,7 +122,11 @@ class WindowReader:
             return
         first_shard, offset = m.locate_index(split, start)
         shards = [(self.url(s.path), self.fs_path(s.path)) for s in entry.shards[first_shard:]]
-        samples = iter_shard_samples(self.fs, shards, offset, sample_bytes(m.seq_len, m.dtype), start,
-                                     entry.windows, (FIELD,), "manifest", f"split {split}")
+        fields = (FIELD, CRC_FIELD) if m.has_crc else (FIELD,)
+        samples = iter_shard_samples(self.fs, shards, offset, m.sample_bytes, start, entry.windows, fields,
+                                     "manifest", f"split {split}", lambda window: sample_key(*m.window_key(split, window)))
         for where, sample in samples:
-            yield unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
+            tokens = unpack_payload(sample[FIELD], m.seq_len, m.dtype, where)
+            if m.has_crc:
+                check_crc(tokens, sample[CRC_FIELD], where)
+            yield tokens

@@ -1,24 +1,34 @@
 """Layout of one shard: a plain USTAR tar of WebDataset samples, one window per sample.
 
-Sample ``j`` of a shard whose first window is ``first`` is the tar member
-``{first + j:012d}.tokens.npy`` — WebDataset key ``{first + j:012d}`` (the window's index in its
-split), field ``tokens.npy`` — holding a NumPy ``.npy`` array of shape ``(seq_len + 1,)`` in the
-manifest's dtype, little-endian. Every member has the same size and fixed metadata (mtime 0,
-uid/gid 0, no user names, mode 0444), so a shard's bytes are a function of its windows alone and
-sample ``j`` starts at byte ``j * sample_bytes`` (header 512 bytes, then the ``.npy`` file).
-Writer and readers share this module, so the layout is stated once.
+Format version 2 (``data_prep shards`` writes it): sample ``j`` of a shard of task ``t`` whose first
+window is the task's window ``first`` has the WebDataset key ``{t:05d}-{first + j:012d}`` (the task
+and the window's index in that task's stream of the split) and two fields, two tar members:
+
+    {key}.tokens.npy   a NumPy ``.npy`` array of shape ``(seq_len + 1,)`` in the manifest's dtype,
+                       little-endian
+    {key}.crc32        the CRC-32 (zlib) of that array's little-endian bytes: 8 lowercase hex digits
+
+Version 1 (still read): key ``{window:012d}`` (the window's index in the split), the tokens member only.
+
+Every member has the same size and fixed metadata (mtime 0, uid/gid 0, no user names, mode 0444), so
+a shard's bytes are a function of its windows alone and sample ``j`` starts at byte
+``j * sample_bytes``. Writer and readers share this module, so the layout is stated once.
 """
 
 from __future__ import annotations
 
 import io
 import tarfile
+import zlib
 
 import numpy as np
 
 KEY_DIGITS = 12
+TASK_DIGITS = 5
 FIELD = "tokens.npy"
+CRC_FIELD = "crc32"
 _BLOCK = tarfile.BLOCKSIZE
+_CRC_MEMBER_BYTES = 2 * _BLOCK  # header + 8 hex digits padded to a block
 
 
 class DatasetError(ValueError):
@@ -26,14 +36,20 @@ class DatasetError(ValueError):
     the manifest; the message names the file."""
 
 
-def sample_key(window: int) -> str:
-    """WebDataset key of the sample holding ``window`` (its index within the split)."""
-    return f"{window:0{KEY_DIGITS}d}"
+def sample_key(window: int, task: int | None = None) -> str:
+    """WebDataset key of the sample holding ``window``: its index in the split (version 1, ``task``
+    None) or in task ``task``'s stream of the split (version 2)."""
+    return f"{window:0{KEY_DIGITS}d}" if task is None else f"{task:0{TASK_DIGITS}d}-{window:0{KEY_DIGITS}d}"
 
 
-def sample_name(window: int) -> str:
-    """Tar member name of the sample holding ``window``."""
-    return f"{sample_key(window)}.{FIELD}"
+def sample_name(window: int, task: int | None = None) -> str:
+    """Tar member name of the tokens of the sample holding ``window`` (see ``sample_key``)."""
+    return f"{sample_key(window, task)}.{FIELD}"
+
+
+def window_crc(window: np.ndarray) -> int:
+    """CRC-32 of a window's tokens as stored (little-endian bytes)."""
+    return zlib.crc32(window.astype(window.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def npy_header(seq_len: int, dtype: str) -> bytes:
@@ -51,16 +67,18 @@ def payload_bytes(seq_len: int, dtype: str) -> int:
     return len(npy_header(seq_len, dtype)) + (seq_len + 1) * np.dtype(dtype).itemsize
 
 
-def sample_bytes(seq_len: int, dtype: str) -> int:
-    """Bytes one sample occupies in the tar: header block plus the payload padded to 512."""
-    return _BLOCK + -(-payload_bytes(seq_len, dtype) // _BLOCK) * _BLOCK
+def sample_bytes(seq_len: int, dtype: str, crc: bool) -> int:
+    """Bytes one sample occupies in the tar: header block plus the payload padded to 512, plus the
+    CRC member in version 2 (``crc``)."""
+    return _BLOCK + -(-payload_bytes(seq_len, dtype) // _BLOCK) * _BLOCK + (_CRC_MEMBER_BYTES if crc else 0)
 
 
-def pack_shard(windows: np.ndarray, first_window: int) -> bytes:
+def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) -> bytes:
     """The tar bytes of a shard, exactly as ``tarfile`` in USTAR format writes them.
 
     windows: (n, seq_len + 1) integer array, already in the dataset dtype.
-    first_window: split-level index of ``windows[0]``.
+    first_window: index of ``windows[0]`` in task ``task``'s stream of the split (version 2), or in the
+    split when ``task`` is None (version 1: no CRC members).
     Member headers differ only in the name and its checksum, so one header is built with
     ``tarfile`` and patched per member: tarfile's own per-member cost would be a noticeable
     share of the shards job (tests compare both).
@@ -70,24 +88,38 @@ def pack_shard(windows: np.ndarray, first_window: int) -> bytes:
         raise ValueError(f"window index {first_window + n - 1} has more than {KEY_DIGITS} digits")
     npy = npy_header(width - 1, windows.dtype.str)
     le = windows.astype(windows.dtype.newbyteorder("<"), copy=False)
-    size = len(npy) + le[0].nbytes if n else 0
-    pad = bytes(-size % _BLOCK)
-    info = tarfile.TarInfo(sample_name(first_window))
-    info.size, info.mtime, info.mode = size, 0, 0o444
-    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
-    name_len = len(sample_name(first_window))
-    # USTAR checksum: the sum of the header's bytes with the 8-byte checksum field read as spaces.
-    base = sum(header[:148]) + sum(header[156:]) + 8 * 32 - sum(header[:name_len])
+    tokens = _MemberHeader(sample_name(first_window, task), len(npy) + le[0].nbytes if n else 0)
+    crc = _MemberHeader(f"{sample_key(first_window, task)}.{CRC_FIELD}", 8) if task is not None else None
+    pad = bytes(-tokens.size % _BLOCK)
     parts = []
     for j in range(n):
-        name = sample_name(first_window + j).encode("ascii")
-        header[:name_len] = name
-        header[148:155] = b"%06o\0" % (base + sum(name))
-        parts += [bytes(header), npy, le[j].tobytes(), pad]
+        key = sample_key(first_window + j, task)
+        parts += [tokens.header(f"{key}.{FIELD}"), npy, le[j].tobytes(), pad]
+        if crc is not None:
+            parts += [crc.header(f"{key}.{CRC_FIELD}"), b"%08x" % window_crc(le[j]), bytes(_BLOCK - 8)]
     # End of archive: two zero blocks, then zeros up to a whole tar record, as tarfile does.
     body = sum(map(len, parts)) + 2 * _BLOCK
     parts.append(bytes(2 * _BLOCK + -body % tarfile.RECORDSIZE))
     return b"".join(parts)
+
+
+class _MemberHeader:
+    """The USTAR header of a member of ``size`` bytes, its name patched in for each member (names of one
+    shard have one length)."""
+
+    def __init__(self, name: str, size: int) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, 0, 0o444
+        self.block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+        self.size, self.name_len = size, len(name)
+        # USTAR checksum: the sum of the header's bytes with the 8-byte checksum field read as spaces.
+        self.base = sum(self.block[:148]) + sum(self.block[156:]) + 8 * 32 - sum(self.block[:self.name_len])
+
+    def header(self, name: str) -> bytes:
+        raw = name.encode("ascii")
+        self.block[:self.name_len] = raw
+        self.block[148:155] = b"%06o\0" % (self.base + sum(raw))
+        return bytes(self.block)
 
 
 def unpack_payload(payload: bytes, seq_len: int, dtype: str, where: str) -> np.ndarray:
@@ -101,35 +133,53 @@ def unpack_payload(payload: bytes, seq_len: int, dtype: str, where: str) -> np.n
     return np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<"), offset=len(header))
 
 
-def unpack_sample(block: bytes, window: int, seq_len: int, dtype: str, where: str) -> np.ndarray:
-    """The window in one sample's raw tar bytes (``sample_bytes`` long, header first)."""
+def check_crc(window: np.ndarray, crc: bytes, where: str) -> None:
+    """Raise DatasetError naming ``where`` unless ``crc`` (a CRC member's bytes) is ``window``'s CRC-32."""
+    text = crc[:8].decode("ascii", "replace")
+    if text != "%08x" % window_crc(window):
+        raise DatasetError(f"{where}: the tokens do not match their CRC-32 (stored {text!r}, computed "
+                           f"{window_crc(window):08x}): the shard is corrupt; rewrite the dataset or restore the shard")
+
+
+def unpack_sample(block: bytes, window: int, seq_len: int, dtype: str, where: str, task: int | None = None) -> np.ndarray:
+    """The window in one sample's raw tar bytes (``sample_bytes`` long, header first); its CRC-32 is
+    checked in version 2 (``task`` given; ``window`` is then the task's window index, see ``sample_key``)."""
     name = block[:100].rstrip(b"\0").decode("ascii", "replace")
-    if name != sample_name(window):
-        raise DatasetError(f"{where}: expected member {sample_name(window)}, found {name!r}")
-    start = _BLOCK
-    return unpack_payload(block[start:start + payload_bytes(seq_len, dtype)], seq_len, dtype, where)
+    if name != sample_name(window, task):
+        raise DatasetError(f"{where}: expected member {sample_name(window, task)}, found {name!r}")
+    size = payload_bytes(seq_len, dtype)
+    tokens = unpack_payload(block[_BLOCK:_BLOCK + size], seq_len, dtype, where)
+    if task is not None:
+        crc_at = _BLOCK + -(-size // _BLOCK) * _BLOCK
+        crc_name = block[crc_at:crc_at + 100].rstrip(b"\0").decode("ascii", "replace")
+        if crc_name != f"{sample_key(window, task)}.{CRC_FIELD}":
+            raise DatasetError(f"{where}: expected member {sample_key(window, task)}.{CRC_FIELD}, found {crc_name!r}")
+        check_crc(tokens, block[crc_at + _BLOCK:crc_at + _BLOCK + 8], where)
+    return tokens
 
 
-def unpack_shard(data: bytes, first_window: int, seq_len: int, dtype: str, where: str) -> np.ndarray:
-    """All windows of a shard, checking names, order and the fixed-stride layout.
+def unpack_shard(data: bytes, first_window: int, seq_len: int, dtype: str, where: str,
+                 task: int | None = None) -> np.ndarray:
+    """All windows of a shard, checking names, order, the fixed-stride layout and (version 2) every CRC.
 
     Returns an (n, seq_len + 1) array; raises DatasetError naming ``where`` on any deviation.
     """
-    stride = sample_bytes(seq_len, dtype)
+    stride = sample_bytes(seq_len, dtype, crc=task is not None)
     windows = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for j, member in enumerate(tar):
-                expected = sample_name(first_window + j)
-                if member.name != expected or member.offset != j * stride:
-                    raise DatasetError(
-                        f"{where}: member {j} is {member.name!r} at byte {member.offset}, "
-                        f"expected {expected} at byte {j * stride}"
-                    )
-                payload = tar.extractfile(member).read()
-                windows.append(unpack_payload(payload, seq_len, dtype, f"{where} member {member.name}"))
+    while len(windows) * stride < len(data) and data[len(windows) * stride] != 0:  # a member header, not the end
+        j = len(windows)
+        if (j + 1) * stride > len(data):
+            raise DatasetError(f"{where}: truncated, sample {j} is incomplete")
+        windows.append(unpack_sample(data[j * stride:(j + 1) * stride], first_window + j, seq_len, dtype,
+                                     f"{where} sample {j}", task))
+    n = len(windows)
+    try:  # what follows the samples: the end-of-archive blocks, nothing else
+        with tarfile.open(fileobj=io.BytesIO(data[n * stride:]), mode="r:") as tar:
+            extra = tar.getmembers()
     except tarfile.TarError as exc:
-        raise DatasetError(f"{where}: not a readable tar: {exc}") from None
+        raise DatasetError(f"{where}: not a readable tar after sample {n}: {exc}") from None
+    if extra:
+        raise DatasetError(f"{where}: member {extra[0].name!r} at byte {n * stride} is not a whole sample")
     if not windows:
         return np.zeros((0, seq_len + 1), dtype=dtype)
     return np.stack(windows)
