@@ -30,7 +30,6 @@ from typing import Any, Iterator
 
 import fsspec
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.manifest import SPLITS, Manifest, dataset_root, manifest_url, read_text
@@ -248,6 +247,8 @@ class NeighbourReader:
                                      end=(offset + 1) * stride)
         except FileNotFoundError:
             raise DatasetError(f"{where}: shard listed in the neighbour manifest is missing") from None
+        from webdataset.tariterators import group_by_keys, tar_file_expander  # webdataset imports torch
+
         samples = list(group_by_keys(tar_file_expander([{"url": where, "stream": io.BytesIO(block + bytes(1024))}])))
         if len(samples) != 1:
             raise DatasetError(f"{where}: sample {offset} is not one complete sample")

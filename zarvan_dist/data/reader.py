@@ -11,7 +11,6 @@ from typing import Callable, Iterator, Sequence
 
 import fsspec
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from zarvan_dist.data.manifest import Manifest, dataset_root
 from zarvan_dist.data.shards import (
@@ -48,6 +47,9 @@ def iter_shard_samples(fs: fsspec.AbstractFileSystem, shards: Sequence[tuple[str
     sample and the window expected; a tar error names ``label`` (e.g. "split train") and the window
     being read; a count other than ``end - start`` names ``label``, ``start`` and ``listing``.
     """
+
+    # here, not at the top: webdataset imports torch, which the data jobs (and their workers) need not load
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def streams() -> Iterator[dict]:
         for k, (url, path) in enumerate(shards):

@@ -73,8 +73,9 @@ def sample_bytes(seq_len: int, dtype: str, crc: bool) -> int:
     return _BLOCK + -(-payload_bytes(seq_len, dtype) // _BLOCK) * _BLOCK + (_CRC_MEMBER_BYTES if crc else 0)
 
 
-def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) -> bytes:
-    """The tar bytes of a shard, exactly as ``tarfile`` in USTAR format writes them.
+def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) -> bytearray:
+    """The tar bytes of a shard, exactly as ``tarfile`` in USTAR format writes them (one buffer of the
+    shard's size, filled in place).
 
     windows: (n, seq_len + 1) integer array, already in the dataset dtype.
     first_window: index of ``windows[0]`` in task ``task``'s stream of the split (version 2), or in the
@@ -90,17 +91,22 @@ def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) 
     le = windows.astype(windows.dtype.newbyteorder("<"), copy=False)
     tokens = _MemberHeader(sample_name(first_window, task), len(npy) + le[0].nbytes if n else 0)
     crc = _MemberHeader(f"{sample_key(first_window, task)}.{CRC_FIELD}", 8) if task is not None else None
-    pad = bytes(-tokens.size % _BLOCK)
-    parts = []
+    stride = sample_bytes(width - 1, windows.dtype.str, crc is not None)
+    # End of archive: two zero blocks, then zeros up to a whole tar record, as tarfile does.
+    body = n * stride + 2 * _BLOCK
+    out = bytearray(body + -body % tarfile.RECORDSIZE)  # the whole shard, filled in place: no pieces to join
+    samples = np.frombuffer(out, dtype=np.uint8, count=n * stride).reshape(n, stride)
+    samples[:, _BLOCK:_BLOCK + len(npy)] = np.frombuffer(npy, dtype=np.uint8)
+    samples[:, _BLOCK + len(npy):_BLOCK + tokens.size] = le.reshape(n, -1).view(np.uint8)
+    crc_at = _BLOCK + -(-tokens.size // _BLOCK) * _BLOCK
     for j in range(n):
         key = sample_key(first_window + j, task)
-        parts += [tokens.header(f"{key}.{FIELD}"), npy, le[j].tobytes(), pad]
+        samples[j, :_BLOCK] = np.frombuffer(tokens.header(f"{key}.{FIELD}"), dtype=np.uint8)
         if crc is not None:
-            parts += [crc.header(f"{key}.{CRC_FIELD}"), b"%08x" % window_crc(le[j]), bytes(_BLOCK - 8)]
-    # End of archive: two zero blocks, then zeros up to a whole tar record, as tarfile does.
-    body = sum(map(len, parts)) + 2 * _BLOCK
-    parts.append(bytes(2 * _BLOCK + -body % tarfile.RECORDSIZE))
-    return b"".join(parts)
+            samples[j, crc_at:crc_at + _BLOCK] = np.frombuffer(crc.header(f"{key}.{CRC_FIELD}"), dtype=np.uint8)
+            samples[j, crc_at + _BLOCK:crc_at + _BLOCK + 8] = np.frombuffer(b"%08x" % window_crc(le[j]), np.uint8)
+    del samples
+    return out
 
 
 class _MemberHeader:
