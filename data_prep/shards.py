@@ -34,8 +34,11 @@ batches per worker, one shard's worth of tokens per split and one read block; no
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
+import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -561,9 +564,26 @@ class _TaskWriter:
 _worker: tuple[spm.SentencePieceProcessor, str] | None = None
 
 
-def _init_worker(model: bytes, dtype: str) -> None:
+def _init_worker(model: bytes, dtype: str, parent: int | None = None) -> None:
     global _worker
+    if parent is not None:
+        die_with_parent(parent)
     _worker = (spm.SentencePieceProcessor(model_proto=model), dtype)
+
+
+def die_with_parent(parent: int) -> None:
+    """Make this worker process end when process ``parent`` (the job) dies, however it dies (Linux:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; elsewhere the pool's own shutdown is all there is)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # the job died before the call
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -591,7 +611,7 @@ def _encoder(model: bytes, dtype: str, workers: int) -> Iterator[Callable]:
         return
     # concurrent.futures, not multiprocessing.Pool: when a worker dies (the OOM killer, a
     # signal) the pending results raise BrokenProcessPool instead of waiting forever
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model, dtype)) as pool:
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(model, dtype, os.getpid())) as pool:
         def ordered(stream: Iterable[tuple[str, Document]]) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray]]]:
             pending: deque = deque()
             try:

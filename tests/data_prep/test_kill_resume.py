@@ -54,3 +54,22 @@ def test_sigkill_then_rerun_is_byte_identical(make_shards, corpus_dir, tokenizer
     assert rerun.returncode == 0, rerun.stderr
     assert f"tasks: 2 written, 1 kept from an earlier run (of {TASKS})" in rerun.stdout
     assert read_tree(str(out)) == read_tree(str(ref))
+
+
+def test_the_workers_die_with_a_killed_job(corpus_dir, tokenizer_path, tmp_path):
+    """SIGKILL to the job's process alone (not its group, as a node's OOM killer picks one process): its
+    tokenizer workers end too, instead of running on (they ask the kernel for SIGKILL when the job dies)."""
+    psutil = __import__("pytest").importorskip("psutil")
+    out = tmp_path / "orphans"
+    proc = subprocess.Popen(slow_command(0.2, _args(corpus_dir, tokenizer_path, out)), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    job = psutil.Process(proc.pid)
+    while len(job.children()) < 2 or not list(out.rglob("shard-*.tar")):  # both workers up, encoding
+        assert proc.poll() is None and time.monotonic() < deadline, "the job ended or made no progress"
+        time.sleep(0.05)
+    workers = job.children()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived the job: {[p.pid for p in alive]}"
