@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError
 from data_prep.corpus import CorpusConfig, CorpusStats, Document, Piece, iter_documents, plan_pieces, seeded_permutation
-from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic
+from data_prep.storage import PROGRESS_NAME, filesystem, put_atomic, put_stream_atomic
 from zarvan_dist.config import ConfigError, from_dict, to_dict
 from zarvan_dist.data.hashing import splitmix64_outputs
 from zarvan_dist.data.manifest import (
@@ -67,7 +67,7 @@ from zarvan_dist.data.manifest import (
     TokenizerEntry,
     dtype_for_vocab,
 )
-from zarvan_dist.data.shards import pack_shard, sample_bytes
+from zarvan_dist.data.shards import sample_bytes, shard_blocks
 from zarvan_dist.tokenizer import encode_documents, load_tokenizer
 
 TOKENIZER_NAME = "tokenizer.model"
@@ -478,6 +478,7 @@ class _SplitWriter:
         if self.buffered < span + 1:
             return
         buf = np.concatenate(self.buffer)
+        self.buffer = []  # the pieces go before the shards are written: one copy of the tokens at a time
         while len(buf) >= span + 1:
             self._put_shard(buf[:span + 1], self.windows_per_shard)
             buf = buf[span:]
@@ -511,11 +512,10 @@ class _SplitWriter:
         L, k = self.seq_len, len(self.shards)
         windows = np.lib.stride_tricks.sliding_window_view(stream, L + 1)[::L]
         first = k * self.windows_per_shard
-        data = pack_shard(windows, first, self.task)
         rel = self.out.task_path(self.task, f"{self.name}/shard-{k:06d}.tar")
-        self.out.put(rel, data)
-        self.shards.append(ShardEntry(path=rel, windows=n, tokens=n * (L + 1), bytes=len(data),
-                                      sha256=hashlib.sha256(data).hexdigest(), task=self.task, first_key=first))
+        size, sha256 = put_stream_atomic(self.out.fs, f"{self.out.root}/{rel}", shard_blocks(windows, first, self.task))
+        self.shards.append(ShardEntry(path=rel, windows=n, tokens=n * (L + 1), bytes=size, sha256=sha256,
+                                      task=self.task, first_key=first))
         self._list_documents((first + n) * L + 1)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 
@@ -31,6 +31,22 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.makedirs(parent, exist_ok=True)
     fs.pipe_file(path + ".tmp", data)
     fs.mv(path + ".tmp", path)
+
+
+def put_stream_atomic(fs: fsspec.AbstractFileSystem, path: str, blocks: Iterable[bytes]) -> tuple[int, str]:
+    """``put_atomic`` of the concatenation of ``blocks``, written as they come (memory: one block);
+    returns its size and hex sha256."""
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    h, size = hashlib.sha256(), 0
+    with fs.open(path + ".tmp", "wb") as f:
+        for block in blocks:
+            f.write(block)
+            h.update(block)
+            size += len(block)
+    fs.mv(path + ".tmp", path)
+    return size, h.hexdigest()
 
 
 PROGRESS_NAME = "progress.json"

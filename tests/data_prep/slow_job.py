@@ -4,8 +4,8 @@
 
 runs the job with its journal writer, ``data_prep.storage.save_journal``, wrapped to sleep SECONDS after
 each journal that records a finished output (the retrieval jobs), and its file writer,
-``data_prep.storage.put_atomic``, wrapped to sleep SECONDS after each token shard it puts in place (the
-shards job), so a test can SIGKILL the job at a known point. The jobs themselves are unchanged: they
+``data_prep.storage.put_stream_atomic``, wrapped to sleep SECONDS after each token shard it puts in place
+(the shards job), so a test can SIGKILL the job at a known point. The jobs themselves are unchanged: they
 import the wrapped writers.
 """
 
@@ -36,25 +36,26 @@ def main(seconds: float, argv: list[str]) -> int:
     sys.path.insert(0, str(REPO))  # as for ``python -m data_prep`` run in the repository
     from data_prep import storage
 
-    save, put = storage.save_journal, storage.put_atomic
+    save, put = storage.save_journal, storage.put_stream_atomic
 
     def save_slowly(fs, root: str, state: dict[str, Any]) -> None:
         save(fs, root, state)
         if recorded(state):
             time.sleep(seconds)
 
-    def put_slowly(fs, path: str, data: bytes) -> None:
-        put(fs, path, data)
+    def put_slowly(fs, path: str, blocks) -> tuple[int, str]:
+        written = put(fs, path, blocks)
         if path.rsplit("/", 1)[-1].startswith("shard-"):
             time.sleep(seconds)
+        return written
 
     # before the jobs are imported, so that each binds the slow writers
-    storage.save_journal, storage.put_atomic = save_slowly, put_slowly
+    storage.save_journal, storage.put_stream_atomic = save_slowly, put_slowly
     from data_prep import chunks, faiss_index, retrieval, shards
     from data_prep.__main__ import main as run_job
 
     assert all(job.save_journal is save_slowly for job in (chunks, faiss_index, retrieval))
-    assert shards.put_atomic is put_slowly
+    assert shards.put_stream_atomic is put_slowly
     return run_job(argv)
 
 

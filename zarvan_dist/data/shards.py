@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import tarfile
 import zlib
+from typing import Iterator
 
 import numpy as np
 
@@ -74,15 +75,23 @@ def sample_bytes(seq_len: int, dtype: str, crc: bool) -> int:
 
 
 def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) -> bytearray:
-    """The tar bytes of a shard, exactly as ``tarfile`` in USTAR format writes them (one buffer of the
-    shard's size, filled in place).
+    """The tar bytes of a shard, exactly as ``tarfile`` in USTAR format writes them (``shard_blocks`` joined).
 
     windows: (n, seq_len + 1) integer array, already in the dataset dtype.
     first_window: index of ``windows[0]`` in task ``task``'s stream of the split (version 2), or in the
     split when ``task`` is None (version 1: no CRC members).
-    Member headers differ only in the name and its checksum, so one header is built with
-    ``tarfile`` and patched per member: tarfile's own per-member cost would be a noticeable
-    share of the shards job (tests compare both).
+    """
+    return bytearray().join(shard_blocks(windows, first_window, task))
+
+
+def shard_blocks(windows: np.ndarray, first_window: int, task: int | None = None,
+                 block_windows: int = 1024) -> Iterator[bytearray]:
+    """The tar bytes of a shard (see ``pack_shard``) in consecutive blocks of ``block_windows`` samples,
+    then the end of the archive: a writer streams a shard with memory of one block, whatever its size.
+
+    Member headers differ only in the name and its checksum, so one header is built with ``tarfile``
+    and patched per member: tarfile's own per-member cost would be a noticeable share of the shards
+    job (tests compare both).
     """
     n, width = windows.shape
     if first_window + n > 10**KEY_DIGITS:
@@ -92,21 +101,25 @@ def pack_shard(windows: np.ndarray, first_window: int, task: int | None = None) 
     tokens = _MemberHeader(sample_name(first_window, task), len(npy) + le[0].nbytes if n else 0)
     crc = _MemberHeader(f"{sample_key(first_window, task)}.{CRC_FIELD}", 8) if task is not None else None
     stride = sample_bytes(width - 1, windows.dtype.str, crc is not None)
+    crc_at = _BLOCK + -(-tokens.size // _BLOCK) * _BLOCK
+    for lo in range(0, n, block_windows):
+        hi = min(lo + block_windows, n)
+        out = bytearray((hi - lo) * stride)  # the block, filled in place
+        samples = np.frombuffer(out, dtype=np.uint8).reshape(hi - lo, stride)
+        samples[:, _BLOCK:_BLOCK + len(npy)] = np.frombuffer(npy, dtype=np.uint8)
+        samples[:, _BLOCK + len(npy):_BLOCK + tokens.size] = le[lo:hi].reshape(hi - lo, -1).view(np.uint8)
+        for j in range(lo, hi):
+            key = sample_key(first_window + j, task)
+            samples[j - lo, :_BLOCK] = np.frombuffer(tokens.header(f"{key}.{FIELD}"), dtype=np.uint8)
+            if crc is not None:
+                samples[j - lo, crc_at:crc_at + _BLOCK] = np.frombuffer(crc.header(f"{key}.{CRC_FIELD}"), np.uint8)
+                samples[j - lo, crc_at + _BLOCK:crc_at + _BLOCK + 8] = np.frombuffer(b"%08x" % window_crc(le[j]),
+                                                                                    np.uint8)
+        del samples
+        yield out
     # End of archive: two zero blocks, then zeros up to a whole tar record, as tarfile does.
     body = n * stride + 2 * _BLOCK
-    out = bytearray(body + -body % tarfile.RECORDSIZE)  # the whole shard, filled in place: no pieces to join
-    samples = np.frombuffer(out, dtype=np.uint8, count=n * stride).reshape(n, stride)
-    samples[:, _BLOCK:_BLOCK + len(npy)] = np.frombuffer(npy, dtype=np.uint8)
-    samples[:, _BLOCK + len(npy):_BLOCK + tokens.size] = le.reshape(n, -1).view(np.uint8)
-    crc_at = _BLOCK + -(-tokens.size // _BLOCK) * _BLOCK
-    for j in range(n):
-        key = sample_key(first_window + j, task)
-        samples[j, :_BLOCK] = np.frombuffer(tokens.header(f"{key}.{FIELD}"), dtype=np.uint8)
-        if crc is not None:
-            samples[j, crc_at:crc_at + _BLOCK] = np.frombuffer(crc.header(f"{key}.{CRC_FIELD}"), dtype=np.uint8)
-            samples[j, crc_at + _BLOCK:crc_at + _BLOCK + 8] = np.frombuffer(b"%08x" % window_crc(le[j]), np.uint8)
-    del samples
-    return out
+    yield bytearray(2 * _BLOCK + -body % tarfile.RECORDSIZE)
 
 
 class _MemberHeader:
