@@ -12,8 +12,8 @@ reduced over the ranks and only rank 0 writes metrics and TensorBoard.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
-import pickle
 import signal
 import sys
 import time
@@ -48,11 +48,14 @@ from zarvan_dist.training.engines import (
     shutdown_distributed,
 )
 from zarvan_dist.training.evaluate import Evaluator, forward_window, next_token_loss, reset_rows
+from zarvan_dist.training.lock import RunLock, RunLockedError
 from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
 from zarvan_dist.training.schedule import learning_rate
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL): the scheduler should requeue the job."""
+INTERRUPT_EXIT_CODE = 130
+"""Exit status after a Ctrl-C (SIGINT) checkpoint, as a shell reports an interrupted command (128 + 2)."""
 
 
 class TrainingError(RuntimeError):
@@ -108,16 +111,31 @@ def nonfinite_rows(state: RecurrentState) -> torch.Tensor:
 
 
 class Trainer:
-    """One process (CPU or one GPU): model, optimizer, lanes, checkpoints and metrics of a run."""
+    """One process (CPU or one GPU): model, optimizer, lanes, checkpoints and metrics of a run.
 
-    def __init__(self, cfg: RunConfig) -> None:
+    The job's rank 0 holds the run directory's lock (``zarvan_dist.training.lock``) from here until
+    ``fit`` ends; ``break_lock`` takes over a lock another host left behind.
+    """
+
+    def __init__(self, cfg: RunConfig, break_lock: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.manifest = Manifest.load(cfg.data.dir)
+        self.dataset_sha256 = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()
         self.env, self.device = init_distributed(cfg.engine, resolve_device(cfg.train.device),
                                                  cfg.train.collective_timeout_min,
                                                  cpu_collectives=cfg.engine == "fsdp" and cfg.fsdp.cpu_offload)
         self.comm = Collective(self.env, self.device)
+        self.lock = RunLock(self.run_dir)
+        refused = None
+        if self.env.main:
+            try:
+                self.lock.acquire(break_lock)
+            except RunLockedError as exc:
+                refused = str(exc)
+        refused = self.comm.broadcast(refused)  # every rank stops, none waits in a collective
+        if refused is not None:
+            raise RunLockedError(refused)
         self.dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.model_cfg = resolve_model_config(cfg, self.manifest)
         check_neighbours(cfg, self.model_cfg, self.manifest)
@@ -247,7 +265,7 @@ class Trainer:
         step = self.counters.step
         lr = learning_rate(max(step - 1, 0), self.cfg.train.steps, self.cfg.optim)
         return self.checkpoints.save(step, self.engine, self.counters, self.lane_state, lr, self.layout,
-                                     self.seq_len, self.resolved_config())
+                                     self.seq_len, self.resolved_config(), self.dataset_sha256)
 
     def resolved_config(self) -> dict:
         data = self.cfg.to_dict()
@@ -256,7 +274,14 @@ class Trainer:
 
     # ---- the loop
     def fit(self) -> int:
-        """Train to ``train.steps``; returns the exit status (0, or REQUEUE_EXIT_CODE after a signal)."""
+        """Train to ``train.steps``; returns the exit status (0, or REQUEUE_EXIT_CODE / INTERRUPT_EXIT_CODE
+        after a signal). The run directory's lock is released at the end, however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> int:
         cfg = self.cfg
         self.install_signal_handlers()
         resumed = self.resume()
@@ -267,6 +292,8 @@ class Trainer:
             self.metrics = _NoMetrics()
         self.meter = Meter(self)
         saved = resumed
+        if self.counters.pending_eval:  # the evaluation a stop skipped before the checkpoint
+            self.validate(self.counters.pending_eval)
         batches = self.train_batches()
         try:
             while self.counters.step < cfg.train.steps and not self.stopping():
@@ -278,13 +305,11 @@ class Trainer:
                 self.metrics.log(step, self.meter.extend(record) if log_now else record)
                 self.check_bad_steps(record)
                 started = time.perf_counter()
-                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps) \
-                        and not self.stopping():  # a stop asked: checkpoint within the launcher's grace period
-                    result = self.evaluate()
-                    self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
-                    if self.env.main:
-                        print(f"step {step}: val loss {result['loss']:.4f}, "
-                              f"perplexity {result['perplexity']:.2f}", flush=True)
+                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
+                    if self.stopping():  # checkpoint within the launcher's grace period; evaluate after the resume
+                        self.counters.pending_eval = step
+                    else:
+                        self.validate(step)
                 if _due(step, cfg.checkpoint.every, cfg.train.steps):
                     self.save()
                     saved = step
@@ -292,6 +317,10 @@ class Trainer:
             if self.stopping() and self.counters.step < cfg.train.steps:
                 path = self.save() if saved != self.counters.step else self.checkpoints.root / checkpoint_name(saved)
                 why = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal else "stop asked by a rank"
+                if self.stop_signal == signal.SIGINT:
+                    print(f"{why}: checkpoint {path} written; rank {self.env.rank} exiting with "
+                          f"{INTERRUPT_EXIT_CODE} (run the same command to resume)", flush=True)
+                    return INTERRUPT_EXIT_CODE
                 print(f"{why}: checkpoint {path} written; rank {self.env.rank} "
                       f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
                 return REQUEUE_EXIT_CODE
@@ -313,25 +342,51 @@ class Trainer:
                 f"Lower optim.lr, check the data, or resume from the last checkpoint in {self.checkpoints.root}")
 
     def resume(self) -> int | None:
-        """Load the checkpoint ``checkpoint.resume`` names; returns its step, or None when starting afresh."""
-        path = self.checkpoints.resume_path(self.cfg.checkpoint.resume)
+        """Load the checkpoint ``checkpoint.resume`` names; returns its step, or None when starting afresh.
+
+        With ``auto``, a checkpoint whose files verify but cannot be read is passed over for the newest
+        older one; when checkpoints exist and none can be resumed the run stops (nothing is pruned)."""
+        mode = self.cfg.checkpoint.resume
+        path = self.checkpoints.resume_path(mode)
         if path is None:
             return None
-        self.checkpoints.check_resumable(path, self.cfg, self.layout, self.seq_len, self.engine)
-        self.lane_state, self.counters = self.checkpoints.load(path, self.engine, self.rows, self.cfg.seed,
-                                                               self.universal)
+        model = to_dict(self.model_cfg)
+        while True:
+            self.checkpoints.check_resumable(path, self.cfg, model, self.layout, self.seq_len, self.engine,
+                                             self.dataset_sha256)
+            try:
+                self.lane_state, self.counters = self.checkpoints.load(path, self.engine, self.rows, self.cfg.seed,
+                                                                       self.universal)
+                break
+            except CheckpointError as exc:
+                if mode != "auto":
+                    raise CheckpointError(f"{path}: {exc}") from None
+                path = self.checkpoints.older_than(path, str(exc))
+                self.universal = None
         self.universal = None
         if self.env.main:
             print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
                   f"{self.counters.tokens:,} tokens, {self.env.world} rank(s)", flush=True)
         return self.counters.step
 
+    def validate(self, step: int) -> None:
+        """Evaluate (``evaluate``) and log the figures at ``step``."""
+        result = self.evaluate()
+        self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
+        self.counters.pending_eval = 0
+        if self.env.main:
+            print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
+
     def install_signal_handlers(self) -> None:
-        """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with ``REQUEUE_EXIT_CODE``."""
+        """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with ``REQUEUE_EXIT_CODE``. SIGINT
+        (Ctrl-C): the same, exiting with ``INTERRUPT_EXIT_CODE``; a second SIGINT stops at once."""
         def handler(signum: int, frame: object) -> None:
+            if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                raise KeyboardInterrupt
             self.stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
 
 
@@ -387,26 +442,30 @@ def _mkdir(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"Exit status: 0 done, 1 error, {REQUEUE_EXIT_CODE} checkpointed after SIGTERM/SIGUSR1 (requeue).")
+        epilog=f"Exit status: 0 done, 1 error, {REQUEUE_EXIT_CODE} checkpointed after SIGTERM/SIGUSR1 (requeue), "
+               f"{INTERRUPT_EXIT_CODE} checkpointed after Ctrl-C (a second Ctrl-C stops without one).")
     parser.add_argument("--config", required=True, metavar="FILE", help="run config YAML (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--resume", default=None, metavar="auto|none|PATH",
                         help="shorthand for --set checkpoint.resume=...: auto (default) continues from "
                              "RUN/checkpoints/latest, none starts afresh, or a checkpoint directory")
+    parser.add_argument("--break-lock", action="store_true",
+                        help="take over the run directory's lock (RUN/trainer.lock) that a trainer on another host "
+                             "left behind; only when no trainer runs there any more")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
     status = None
     try:
         cfg = load_run_config(args.config, overrides)
-        status = Trainer(cfg).fit()
+        status = Trainer(cfg, args.break_lock).fit()
         return status
-    except (ConfigError, DatasetError, CheckpointError, TrainingError) as exc:
+    except (ConfigError, DatasetError, CheckpointError, TrainingError, RunLockedError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except pickle.UnpicklingError as exc:
-        print(f"error: a checkpoint file holds more than tensors and plain data; refusing to load it: {exc}",
+    except KeyboardInterrupt:
+        print("error: interrupted twice: stopped without a checkpoint (the last one written stays latest)",
               file=sys.stderr)
-        return 1
+        return INTERRUPT_EXIT_CODE
     finally:
         shutdown_distributed(finished=status is not None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 
@@ -93,10 +92,29 @@ def test_find_resume_falls_back_past_a_corrupt_checkpoint_with_a_warning(tmp_pat
 
     (ckpt.root / checkpoint_name(2) / META).unlink()
     (ckpt.root / checkpoint_name(1) / "trainer.json").unlink()
-    with pytest.warns(UserWarning) as warned:
-        assert ckpt.find_resume() is None
+    # checkpoints there, none usable: an error naming each and why, never a silent fresh start
+    with pytest.warns(UserWarning) as warned, pytest.raises(CheckpointError) as caught:
+        ckpt.find_resume()
     skipped = [str(w.message).split(": ")[0] for w in warned]
     assert skipped == [f"skipping checkpoint {ckpt.root / checkpoint_name(s)}" for s in (3, 2, 1)]
+    message = str(caught.value)
+    for s, why in ((3, "truncated"), (2, "meta.json is missing"), (1, "trainer.json is missing")):
+        assert f"{checkpoint_name(s)}: " in message and why in message
+    assert "nothing was pruned" in message and "--resume none" in message
+    assert len(ckpt.checkpoints()) == 3
+    assert Checkpointer(tmp_path / "empty", keep=1).find_resume() is None  # no checkpoint at all: a fresh start
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_never_counts_an_abandoned_newer_one(tmp_path):
+    """A run resumed from step 2 (step 3 damaged) and saving step 3 again, then 4 with keep 1: 4 stays, and
+    before it was written the new 3 did; a newer checkpoint than the one written is never what is kept."""
+    ckpt = _saved(tmp_path / "checkpoints", [1, 2, 5])
+    ckpt.keep = 1
+    ckpt.save(3, _write(3))
+    assert [p.name for p in ckpt.checkpoints()] == [checkpoint_name(s) for s in (3, 5)]
+    ckpt.save(4, _write(4))
+    assert [p.name for p in ckpt.checkpoints()] == [checkpoint_name(s) for s in (4, 5)]
+    assert _latest(ckpt.root) == checkpoint_name(4)
 
 
 def test_verify_detects_a_flipped_byte_of_the_same_size(tmp_path):
@@ -161,11 +179,12 @@ def test_loading_a_checkpoint_never_unpickles_code(token_dataset, tmp_path):
     # A checkpoint whose meta.json matches: only the loader stands between the pickle and the code.
     evil = trainer.checkpoints.checkpoints.save(1, write)
     verify(evil)
-    with pytest.raises(pickle.UnpicklingError, match="weights_only"):
-        trainer.resume()
-    assert not marker.exists()
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="cannot load it .*UnpicklingError.*weights_only"):
         trainer.checkpoints.load(evil, trainer.engine, trainer.rows, seed=0)
+    assert not marker.exists()
+    # the run passes over it, to the checkpoint before it, with a warning naming both
+    with pytest.warns(UserWarning, match=rf"{evil} cannot be resumed .*UnpicklingError.*resuming from {good}"):
+        assert trainer.resume() == 0
     assert not marker.exists()
     # The same file unpickled without the guard would have run the code.
     torch.load(evil / "optimizer.pt", weights_only=False)

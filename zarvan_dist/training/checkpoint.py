@@ -34,15 +34,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from zarvan_dist.config import ConfigError, load_yaml
@@ -163,7 +165,10 @@ class Checkpointer:
             shutil.rmtree(final)
         os.replace(tmp, final)
         self.point_latest(final)
-        for old in self.checkpoints()[:-self.keep]:
+        # the newest keep - 1 before it stay; any after it (a timeline a resume from an older one abandoned)
+        # are not counted, never pruned: the checkpoint just written is always among those kept
+        older = [p for p in self.checkpoints() if p.name < final.name]
+        for old in older[:max(len(older) - (self.keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
@@ -182,22 +187,34 @@ class Checkpointer:
                 if p.name.startswith(TMP_PREFIX):
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
 
-    def find_resume(self) -> Path | None:
-        """The newest checkpoint that verifies (``latest`` first); each one skipped is warned about."""
-        candidates = list(reversed(self.checkpoints()))
+    def find_resume(self, below: str | None = None, failed: Sequence[str] = ()) -> Path | None:
+        """The newest checkpoint that verifies (``latest`` first; only those named before ``below`` when
+        given); each one skipped is warned about. None when there is no checkpoint at all; a
+        CheckpointError listing each one and why (after ``failed``: those that failed before) when there
+        are some and none verifies."""
+        candidates = [p for p in reversed(self.checkpoints()) if below is None or p.name < below]
         pointer = self.root / LATEST
-        if pointer.is_file():
+        if pointer.is_file() and below is None:
             named = self.root / pointer.read_text().strip()
             if named in candidates:
                 candidates.remove(named)
                 candidates.insert(0, named)
+        invalid = list(failed)
         for path in candidates:
             try:
                 verify(path)
                 return path
             except CheckpointError as exc:
+                invalid.append(f"{path.name}: {exc}")
                 warnings.warn(f"skipping checkpoint {path}: {exc}; trying the previous one", stacklevel=2)
+        if invalid:
+            raise CheckpointError(unusable(self.root, invalid))
         return None
+
+def unusable(root: Path, invalid: list[str]) -> str:
+    """The message of a run whose checkpoints all fail: each one and why, and what to do."""
+    return (f"{root}: no checkpoint can be resumed ({'; '.join(invalid)}); nothing was pruned: repair or restore "
+            f"one, resume from a copy with --resume PATH, or start the run over with --resume none")
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -500,6 +517,8 @@ class Counters:
     """Steps skipped for a non-finite loss or gradient norm."""
     bad_in_row: int = 0
     """Non-finite steps since the last good one."""
+    pending_eval: int = 0
+    """The step whose evaluation a stop skipped (0: none): run first after the resume."""
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -518,6 +537,7 @@ class RunCheckpointer:
         self.checkpoints = Checkpointer(root, keep)
         self.env, self.comm, self.device = env, comm, device
         self._found: dict[str, Path | None] = {}
+        self._invalid: list[str] = []  # checkpoints that failed to load, and why
 
     @property
     def root(self) -> Path:
@@ -544,33 +564,74 @@ class RunCheckpointer:
             self._found[mode] = Path(found) if found else None
         return self._found[mode]
 
+    def older_than(self, path: Path, why: str) -> Path | None:
+        """After checkpoint ``path`` of this run failed to load (``why``): the newest older one that verifies,
+        or None. Rank 0 looks, every rank gets its answer; an error when none is left."""
+        self._invalid.append(f"{path.name}: {why}")
+        found, error = None, None
+        if self.env.main:
+            try:
+                found = self.checkpoints.find_resume(below=path.name, failed=self._invalid)
+            except CheckpointError as exc:
+                error = str(exc)
+        found, error = self.comm.broadcast((str(found) if found else None, error))
+        if found is None:
+            raise CheckpointError(error or unusable(self.root, self._invalid))
+        warnings.warn(f"checkpoint {path} cannot be resumed ({why}); resuming from {found}", stacklevel=2)
+        return Path(found)
+
     def save(self, step: int, engine: Engine, counters: Counters, lane_state: RecurrentState, lr: float,
-             layout: LaneLayout, seq_len: int, config: dict) -> Path:
+             layout: LaneLayout, seq_len: int, config: dict, dataset_sha256: str) -> Path:
         """Write checkpoint ``step-N``: the engine's files, every row's lane state, each rank's RNG,
-        ``trainer.json`` (``counters``, ``lr``, the lanes' shape, engine, world size) and ``config``."""
+        ``trainer.json`` (``counters``, ``lr``, the lanes' shape, engine, world size, the sha256 of the
+        dataset's manifest) and ``config``. A write that fails on any rank (a full disk, a lost mount) is
+        one CheckpointError on every rank; the partial directory is removed and ``latest`` stays."""
         main = self.env.main
         tmp = self.checkpoints.begin(step) if main else None
         tmp = Path(self.comm.broadcast(str(tmp) if tmp else None))
-        engine.save(tmp)
-        lanes = self.comm.gather_rows(lane_state.to_dict())
-        rngs = self.comm.gather_objects(_rng_state(self.device))
-        if main:
-            save_tensors(tmp / LANES_FILE, lanes)
-            save_tensors(tmp / RNG_FILE, {f"{name}.rank{r}": t for r, rng in enumerate(rngs) for name, t in rng.items()})
-            write_json(tmp / TRAINER_FILE, {**counters.state_dict(), "lr": lr, "train_windows": layout.num_windows,
-                                            "seq_len": seq_len, "world_size": self.env.world,
-                                            **engine.checkpoint_info()})
-            save_config(tmp / CONFIG_FILE, config)
+        error = None
+        try:
+            engine.save(tmp)
+            lanes = self.comm.gather_rows(lane_state.to_dict())
+            rngs = self.comm.gather_objects(_rng_state(self.device))
+            if main:
+                save_tensors(tmp / LANES_FILE, lanes)
+                save_tensors(tmp / RNG_FILE, {f"{name}.rank{r}": t for r, rng in enumerate(rngs)
+                                              for name, t in rng.items()})
+                write_json(tmp / TRAINER_FILE, {**counters.state_dict(), "lr": lr, "train_windows": layout.num_windows,
+                                                "seq_len": seq_len, "world_size": self.env.world,
+                                                "dataset_sha256": dataset_sha256, **engine.checkpoint_info()})
+                save_config(tmp / CONFIG_FILE, config)
+        except (OSError, RuntimeError, ValueError) as exc:  # torch.save reports a full disk as a RuntimeError
+            error = f"rank {self.env.rank}: {type(exc).__name__}: {' '.join(str(exc).split())}"
+        errors = [e for e in self.comm.gather_objects(error) if e]
+        if errors:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            latest = self.root / LATEST
+            kept = latest.read_text().strip() if latest.is_file() else "none"
+            raise CheckpointError(f"cannot write checkpoint {checkpoint_name(step)} in {self.root} ({errors[0]}); "
+                                  f"it was removed and latest stays {kept}: free space or fix the storage, then "
+                                  f"resume")
         self.comm.barrier()
         if main:
             self.checkpoints.commit(step)
         self.comm.barrier()
         return self.root / checkpoint_name(step)
 
-    def check_resumable(self, path: Path, cfg: RunConfig, layout: LaneLayout, seq_len: int, engine: Engine) -> None:
-        """Refuse checkpoint ``path`` where its lanes or its engine's files do not fit this run."""
+    def check_resumable(self, path: Path, cfg: RunConfig, model: dict, layout: LaneLayout, seq_len: int,
+                        engine: Engine, dataset_sha256: str) -> None:
+        """Refuse checkpoint ``path`` where its model (``model``: this run's resolved model config), lanes,
+        dataset or engine's files do not fit this run, naming the key and both values."""
         saved = RunConfig.from_dict(load_yaml(path / CONFIG_FILE))
         info = json.loads((path / TRAINER_FILE).read_text())
+        saved_model = load_yaml(path / CONFIG_FILE).get("model") or {}
+        changed = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
+        if changed and not _same_shapes(saved_model, model):
+            shown = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {model.get(k)!r} now"
+                              for k in changed)
+            raise ConfigError(f"{shown}: the weights of {path} do not fit this model; resume with the checkpoint's "
+                              f"model, or start a new run (--resume none)")
         lanes = {"data.rows": (saved.data.rows, cfg.data.rows),
                  "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
                  "train windows": (info.get("train_windows"), layout.num_windows),
@@ -579,6 +640,12 @@ class RunCheckpointer:
             if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
+        was = info.get("dataset_sha256")
+        if was is not None and was != dataset_sha256 and not cfg.checkpoint.allow_other_data:
+            raise ConfigError(f"data.dir: the checkpoint {path} was trained on a dataset whose manifest has sha256 "
+                              f"{was[:12]}..., the manifest of {cfg.data.dir} has {dataset_sha256[:12]}... (another "
+                              f"dataset, or one written again); set checkpoint.allow_other_data: true to resume on it "
+                              f"anyway (each lane goes on at its window index), or start afresh with --resume none")
         if saved.data.neighbours != cfg.data.neighbours and self.env.main:
             # a moved sidecar (another URL, same files) is fine; another one changes what the model reads
             print(f"note: the checkpoint {path} was trained with data.neighbours {saved.data.neighbours}, "
@@ -593,17 +660,27 @@ class RunCheckpointer:
              universal: Path | None = None) -> tuple[RecurrentState, Counters]:
         """Restore the engine's files (from ``universal``, DeepSpeed's conversion, when given), this rank's
         ``rows`` of the lane states, its RNG and the counters of checkpoint ``path`` (checked already)."""
+        error = None
+        try:
+            if universal is not None:
+                engine.load(universal)
+            else:
+                engine.load(path)
+            state = load_tensors(path / LANES_FILE)  # every row, on the CPU: this rank takes its own
+            lane_state = RecurrentState({k: v[rows.start:rows.stop].contiguous().to(self.device)
+                                         for k, v in state.items()})
+            info = json.loads((path / TRAINER_FILE).read_text())
+            rng = load_tensors(path / RNG_FILE)
+        except _LOAD_ERRORS as exc:  # files that verified against meta.json but cannot be read
+            error = f"rank {self.env.rank}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+        errors = [e for e in self.comm.gather_objects(error) if e]
+        if errors:
+            raise CheckpointError(f"cannot load it ({errors[0]})")
         if universal is not None:
-            engine.load(universal)
             self.comm.barrier()
             if self.env.main:
                 shutil.rmtree(universal, ignore_errors=True)
-        else:
-            engine.load(path)
-        state = load_tensors(path / LANES_FILE)  # every row, on the CPU: this rank takes its own
-        lane_state = RecurrentState({k: v[rows.start:rows.stop].contiguous().to(self.device) for k, v in state.items()})
-        info = json.loads((path / TRAINER_FILE).read_text())
-        self._load_rng(load_tensors(path / RNG_FILE), info.get("world_size", 1), int(info["step"]), seed)
+        self._load_rng(rng, info.get("world_size", 1), int(info["step"]), seed)
         counters = Counters()
         counters.load_state_dict({k: v for k, v in info.items() if k in counters.state_dict()})
         if self.env.main and path.parent.resolve() == self.root.resolve():
@@ -650,6 +727,20 @@ class RunCheckpointer:
             convert_to_universal(path, target)
         self.comm.barrier()
         return target
+
+
+_LOAD_ERRORS = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError)
+"""What reading a damaged checkpoint file raises (safetensors, torch.load, DCP, DeepSpeed, JSON)."""
+
+
+def _same_shapes(saved: dict, now: dict) -> bool:
+    """Whether models of the two configs have the same parameter names and shapes (built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            a, b = build_model(ModelConfig.from_dict(saved)), build_model(ModelConfig.from_dict(now))
+    except ConfigError:
+        return False
+    return {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -128,6 +128,9 @@ class CheckpointConfig:
     init_from: str | None = None
     """Weights to start a new run from: any engine's checkpoint (or run directory) or a ``pretrain.export``
     directory; optimizer, lanes and counters start afresh. A resumed run takes its checkpoint's weights instead."""
+    allow_other_data: bool = False
+    """Resume although the dataset's manifest is not the one the checkpoint was trained on (its sha256 is in
+    trainer.json): each lane goes on at its window index in the new dataset."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
