@@ -294,8 +294,9 @@ class Trainer:
         saved = resumed
         if self.counters.pending_eval:  # the evaluation a stop skipped before the checkpoint
             self.validate(self.counters.pending_eval)
-        batches = self.train_batches()
+        batches = None
         try:
+            batches = self.train_batches()
             while self.counters.step < cfg.train.steps and not self.stopping():
                 step = self.counters.step + 1
                 log_now = step % cfg.logging.every == 0 or step == cfg.train.steps
@@ -325,7 +326,8 @@ class Trainer:
                       f"exiting with {REQUEUE_EXIT_CODE} so the job is requeued", flush=True)
                 return REQUEUE_EXIT_CODE
         finally:
-            batches.close()
+            if batches is not None:
+                batches.close()
             self.metrics.close()
         return 0
 
