@@ -255,3 +255,23 @@ def test_the_trainer_on_a_damaged_shard_exits_with_one_error_line(clean, tmp_pat
     assert re.match(rf"error: {re.escape(str(shard))}[: ]", errors[0]), run.stderr
     assert ("the manifest says" if kind == "size" else f"(split train, window {DAMAGED}, row 1)") in errors[0]
     assert "Traceback" not in run.stderr and "Caught" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_ddp_job_on_a_damaged_shard_ends_on_every_rank(clean, tmp_path, workers):
+    """Two processes under torchrun (gloo): the rank whose rows meet the damage stops with one error line
+    naming the shard and its rank; the other leaves its collective (the peer is gone) and the job ends in
+    seconds with a failure status, not at the collective timeout."""
+    root = _copy(clean, tmp_path)
+    shard = damage(root, "crc")
+    config = run_config(tmp_path, root, engine="ddp", data={"rows": ROWS, "workers": workers},
+                        train={"steps": 12, "grad_accum": 2}, checkpoint={"every": 0}, eval={"every": 0})
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "pretrain", "--config", str(config)], cwd=ROOT, env=trainer_env(tmp_path),
+                         capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - started
+    assert run.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.1f} s to end"
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:") and str(shard) in line]
+    assert len(errors) == 1 and f"window {DAMAGED}, row 1" in errors[0] and "rank 0" in errors[0], run.stderr
