@@ -7,6 +7,7 @@ a script that leaves a loader open still exits; and the trainer on a damaged sha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +30,7 @@ from tests.pretrain.token_data import random_documents, write_token_dataset
 from zarvan_dist.data import DatasetError, LaneLayout, Manifest
 from zarvan_dist.data.loader import _STOP_GRACE_S, LaneLoader
 from zarvan_dist.data.shards import npy_header, payload_bytes, window_crc
+from zarvan_dist.training.checkpoint import verify
 
 SEQ_LEN, VOCAB, WINDOWS_PER_SHARD, ROWS = 16, 64, 10, 4
 DAMAGED = 34
@@ -243,7 +245,8 @@ def test_the_trainer_on_a_damaged_shard_exits_with_one_error_line(clean, tmp_pat
     else:
         shard = damage(root, kind)
     config = run_config(tmp_path, root, data={"rows": ROWS, "workers": workers},
-                        train={"steps": 12, "grad_accum": 2}, checkpoint={"every": 0}, eval={"every": 0})
+                        train={"steps": 12, "grad_accum": 2}, checkpoint={"every": 2}, eval={"every": 0},
+                        logging={"every": 1, "tensorboard": False, "progress": False})
     started = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "pretrain", "--config", str(config)], cwd=ROOT,
                          env=trainer_env(tmp_path), capture_output=True, text=True, timeout=120)
@@ -255,6 +258,17 @@ def test_the_trainer_on_a_damaged_shard_exits_with_one_error_line(clean, tmp_pat
     assert re.match(rf"error: {re.escape(str(shard))}[: ]", errors[0]), run.stderr
     assert ("the manifest says" if kind == "size" else f"(split train, window {DAMAGED}, row 1)") in errors[0]
     assert "Traceback" not in run.stderr and "Caught" not in run.stderr, run.stderr
+    # nothing lost: the damage is met at micro-step 14 (step 8); the checkpoints of steps 2, 4, 6 (each
+    # verifying) and the records of steps 1-7 stand
+    checkpoints = tmp_path / "run" / "checkpoints"
+    if kind == "size":
+        assert not checkpoints.exists() or not list(checkpoints.glob("step-*"))
+        return
+    assert (checkpoints / "latest").read_text().strip() == "step-00000006"
+    for step in (2, 4, 6):
+        verify(checkpoints / f"step-{step:08d}")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 8))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
