@@ -1,4 +1,4 @@
-# Shared by launch/torchrun.sh and launch/deepspeed.sh: sourced after they set SCRIPT, never run.
+# Shared by launch/torchrun.sh, launch/deepspeed.sh and launch/data_prep_slurm.sh: sourced after they set SCRIPT, never run.
 # shellcheck shell=bash
 
 die() {

@@ -24,19 +24,10 @@ PYTHON and ENTRY reach the jobs as launch/data_prep.sbatch describes.
 EOF
 }
 
-die() {
-    echo "launch/data_prep_slurm.sh: $*" >&2
-    exit 2
-}
-
-if [[ $# -eq 0 ]]; then
-    usage >&2
-    exit 2
-fi
-if [[ $1 == -h || $1 == --help ]]; then
-    usage
-    exit 0
-fi
+SCRIPT=launch/data_prep_slurm.sh
+# shellcheck source=launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+handle_help "$@"
 
 sbatch_opts=()
 for arg in "$@"; do
