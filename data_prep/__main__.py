@@ -34,7 +34,7 @@ def _corpus_parser() -> argparse.ArgumentParser:
     g.add_argument("--extensions", nargs="+", default=DEFAULT_EXTENSIONS, metavar="SUFFIX",
                    help="suffixes taken when walking a directory (explicit files and glob matches are "
                         "always taken; default: common text and code suffixes)")
-    g.add_argument("--max-docs", type=int, default=None, help="stop after this many documents (input order)")
+    g.add_argument("--max-docs", type=int, default=None, help="stop after this many documents, in reading order (shards: after the piece shuffle; one task only)")
     g.add_argument("--skip-bad-json", action="store_true",
                    help="skip and count malformed JSON lines instead of stopping at the first")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

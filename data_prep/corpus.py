@@ -92,7 +92,8 @@ class CorpusConfig:
     extensions: list[str] = field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     """File suffixes taken from directories (explicit files and glob matches are always taken)."""
     max_docs: int | None = None
-    """Stop after this many documents (in input order, before shuffling); None reads all."""
+    """Stop after this many documents, in the order they are read (the shards job reads its pieces after
+    shuffling them, and takes it with one task only); None reads all."""
     skip_bad_json: bool = False
     """Skip and count malformed JSON lines instead of stopping at the first."""
 
