@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 import signal
 import sys
 import time
+import traceback
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -54,6 +56,8 @@ from zarvan_dist.training.schedule import learning_rate
 
 REQUEUE_EXIT_CODE = 75
 """Exit status after a SIGTERM / SIGUSR1 checkpoint (EX_TEMPFAIL): the scheduler should requeue the job."""
+TRACEBACK_ENV = "ZARVAN_TRACEBACK"
+"""Set to print the traceback of an unexpected error after its one-line message."""
 INTERRUPT_EXIT_CODE = 130
 """Exit status after a Ctrl-C (SIGINT) checkpoint, as a shell reports an interrupted command (128 + 2)."""
 
@@ -469,5 +473,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted twice: stopped without a checkpoint (the last one written stays latest)",
               file=sys.stderr)
         return INTERRUPT_EXIT_CODE
+    except Exception as exc:  # an engine's or a collective's failure (a peer gone, out of memory): one line too
+        print(f"error: rank {os.environ.get('RANK', '0')}: {type(exc).__name__}: {' '.join(str(exc).split())[:1000]}"
+              + ("" if os.environ.get(TRACEBACK_ENV) else f" (set {TRACEBACK_ENV}=1 for the traceback)"),
+              file=sys.stderr)
+        if os.environ.get(TRACEBACK_ENV):
+            traceback.print_exc()
+        return 1
     finally:
         shutdown_distributed(finished=status is not None)

@@ -255,3 +255,23 @@ def test_a_lock_from_another_host_needs_break_lock(dataset, tmp_path, capsys):
         del os.environ["SLURM_JOB_ID"]
     assert lock.holder()["pid"] == os.getpid()
     lock.release()
+
+
+def test_an_unexpected_error_is_one_line_naming_the_rank(dataset, tmp_path, capsys, monkeypatch):
+    """An engine's own failure (here out of memory in the backward pass) ends the run with one line and exit
+    1; the traceback is printed only when asked for."""
+    from zarvan_dist.training.engines import Engine
+
+    config = _config(tmp_path, dataset, train={"steps": 4})
+
+    def out_of_memory(self, loss, last):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\n(GPU 0; 79.1 GiB total capacity)")
+
+    monkeypatch.setattr(Engine, "backward", out_of_memory)
+    assert main(["--config", str(config)]) == 1
+    line = _error_line(capsys)
+    assert line.startswith("error: rank 0: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0;")
+    assert "ZARVAN_TRACEBACK=1" in line
+    monkeypatch.setenv("ZARVAN_TRACEBACK", "1")
+    assert main(["--config", str(config)]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
