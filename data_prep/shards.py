@@ -325,9 +325,6 @@ class _Output:
         self.fs, root = filesystem(url)
         self.root = root.rstrip("/")
 
-    def url_of(self, rel: str) -> str:
-        return f"{self.url}/{rel}"
-
     def put(self, rel: str, data: bytes) -> None:
         put_atomic(self.fs, f"{self.root}/{rel}", data)
 

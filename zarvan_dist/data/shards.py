@@ -49,8 +49,8 @@ def sample_name(window: int, task: int | None = None) -> str:
 
 
 def window_crc(window: np.ndarray) -> int:
-    """CRC-32 of a window's tokens as stored (little-endian bytes)."""
-    return zlib.crc32(window.astype(window.dtype.newbyteorder("<"), copy=False).tobytes())
+    """CRC-32 of a window's tokens as stored (little-endian bytes); no copy of a window already stored so."""
+    return zlib.crc32(np.ascontiguousarray(window, dtype=window.dtype.newbyteorder("<")))
 
 
 def npy_header(seq_len: int, dtype: str) -> bytes:
@@ -154,10 +154,11 @@ def unpack_payload(payload: bytes, seq_len: int, dtype: str, where: str) -> np.n
 
 def check_crc(window: np.ndarray, crc: bytes, where: str) -> None:
     """Raise DatasetError naming ``where`` unless ``crc`` (a CRC member's bytes) is ``window``'s CRC-32."""
-    text = crc[:8].decode("ascii", "replace")
-    if text != "%08x" % window_crc(window):
-        raise DatasetError(f"{where}: the tokens do not match their CRC-32 (stored {text!r}, computed "
-                           f"{window_crc(window):08x}): the shard is corrupt; rewrite the dataset or restore the shard")
+    computed = "%08x" % window_crc(window)
+    if crc[:8] != computed.encode():
+        raise DatasetError(f"{where}: the tokens do not match their CRC-32 (stored "
+                           f"{crc[:8].decode('ascii', 'replace')!r}, computed {computed}): the shard is corrupt; "
+                           f"rewrite the dataset or restore the shard")
 
 
 def unpack_sample(block: bytes, window: int, seq_len: int, dtype: str, where: str, task: int | None = None) -> np.ndarray:
