@@ -1,7 +1,10 @@
-"""Shared test set-up: deterministic seeds and tiny model configs for every arch."""
+"""Shared test set-up: deterministic seeds, tiny model configs for every arch, a synthetic token dataset."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +41,16 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def token_dataset(tmp_path_factory) -> Path:
+    """Random BOS-led documents: 60 train (~330 windows of 16 tokens, shards of 10 windows), 10 val."""
+    from tests.pretrain.run_helpers import SEQ_LEN, VOCAB
+    from tests.pretrain.token_data import random_documents, write_token_dataset
+
+    root = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    write_token_dataset(root, {"train": random_documents(rng, 60, VOCAB, 20, 160),
+                               "val": random_documents(rng, 10, VOCAB, 20, 100)}, SEQ_LEN, VOCAB, 10)
+    return root

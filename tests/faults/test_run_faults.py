@@ -23,7 +23,7 @@ import pytest
 
 from pretrain.train import INTERRUPT_EXIT_CODE, Trainer, main
 from tests.pretrain.run_helpers import VOCAB, SEQ_LEN, run_config, start_trainer, trainer_env
-from tests.pretrain.token_data import random_documents, write_token_dataset
+from tests.pretrain.token_data import write_token_dataset
 from zarvan_dist.training.checkpoint import LATEST, checkpoint_name
 from zarvan_dist.training.config import load_run_config
 from zarvan_dist.training.lock import LOCK_FILE, RunLock
@@ -31,13 +31,9 @@ from zarvan_dist.training.lock import LOCK_FILE, RunLock
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults-data")
-    rng = np.random.default_rng(3)
-    write_token_dataset(root, {"train": random_documents(rng, 40, VOCAB, 20, 160),
-                               "val": random_documents(rng, 8, VOCAB, 20, 100)}, SEQ_LEN, VOCAB, 10)
-    return root
+@pytest.fixture
+def dataset(token_dataset) -> Path:
+    return token_dataset
 
 
 def _config(tmp_path: Path, dataset: Path, **sections) -> Path:

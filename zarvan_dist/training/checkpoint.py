@@ -623,9 +623,10 @@ class RunCheckpointer:
                         engine: Engine, dataset_sha256: str) -> None:
         """Refuse checkpoint ``path`` where its model (``model``: this run's resolved model config), lanes,
         dataset or engine's files do not fit this run, naming the key and both values."""
-        saved = RunConfig.from_dict(load_yaml(path / CONFIG_FILE))
+        raw = load_yaml(path / CONFIG_FILE)
+        saved = RunConfig.from_dict(raw)
         info = json.loads((path / TRAINER_FILE).read_text())
-        saved_model = load_yaml(path / CONFIG_FILE).get("model") or {}
+        saved_model = raw.get("model") or {}
         changed = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
         if changed and not _same_shapes(saved_model, model):
             shown = ", ".join(f"model.{k}: {saved_model.get(k)!r} in the checkpoint, {model.get(k)!r} now"

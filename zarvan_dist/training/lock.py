@@ -58,8 +58,8 @@ class RunLock:
 
     def release(self) -> None:
         """Remove the lock if this process holds it."""
-        if self.held and self.holder().get("pid") == os.getpid() \
-                and self.holder().get("host") == socket.gethostname():
+        holder = self.holder() if self.held else {}
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
         self.held = False
 
