@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zarvan_dist.ops.scan import linear_scan
+
 
 def last_reset_index(reset: Tensor) -> Tensor:
     """[B, T] int64: index of the last reset at or before t, or -1 where there is none."""
@@ -39,6 +41,9 @@ def segment_positions(start: Tensor, reset: Tensor | None, length: int) -> tuple
 def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Running sum over each position's prefix, restarted at resets.
 
+    A linear scan with gate 0 at a reset and 1 elsewhere (``zarvan_dist.ops.scan``): exact, no
+    sum before a document start is ever subtracted (``naive.naive_prefix_sum`` is the reference).
+
     Args:
         x: [B, T, E].
         initial_state: [B, E], the sum before position 0, or None for zero.
@@ -52,11 +57,9 @@ def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | N
     initial = initial_state.float() if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2])
     if x.shape[1] == 0:
         return x, initial
-    total = initial[:, None] + torch.cumsum(x, dim=1)
-    if reset is not None:
-        last = last_reset_index(reset)
-        # subtract what was accumulated before the segment's first token
-        before = torch.cat([initial[:, None], total[:, :-1]], dim=1)
-        base = torch.gather(before, 1, last.clamp(min=0)[..., None].expand_as(total))
-        total = torch.where((last >= 0)[..., None], total - base, total)
+    if reset is None:
+        gate = x.new_ones(x.shape[0], x.shape[1], 1)
+    else:
+        gate = (~reset.to(device=x.device, dtype=torch.bool))[..., None].float()
+    total = linear_scan(gate, x, initial)
     return total, total[:, -1]
