@@ -1,6 +1,9 @@
 """Every arch traces whole under ``torch.compile(fullgraph=True)``: no graph break in the forward of a
 window with a carried state and document resets, and the same logits, state and gradients as eager.
 
+The state a window returns has the layout of the empty state (contiguous), so the next window
+runs the same graph: carrying a state never recompiles.
+
 Dynamo's tracing is what breaks graphs, so the test compiles with the ``eager`` backend (no code
 generation: seconds, no compiler needed); ``train.compile`` uses the default backend on the same graph.
 """
@@ -36,3 +39,16 @@ def test_the_window_forward_compiles_without_a_graph_break(arch, tiny_config, on
         assert (g is None) == (w is None)
         if g is not None:
             torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "slam"])
+def test_a_carried_state_does_not_recompile(arch, tiny_config, one_thread):
+    torch._dynamo.reset()
+    model = build_model(tiny_config(arch)).train()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    state = model.init_state(2)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a guard failing on the state raises
+        for step in range(3):
+            ids = torch.randint(4, 61, (2, 12))
+            ids[:, 0] = step == 0
+            state = compiled(ids, state, ids == 1).state.detach()

@@ -131,8 +131,9 @@ class CausalLM(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:
         """The state before any token: position 0 and every block's empty state."""
         parts = {f"layers.{i}": b.init_state(batch_size, device) for i, b in enumerate(self.blocks)}
-        state = RecurrentState.join(parts).to_dict()
-        state["pos"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+        # the keys in the order a forward returns them, so a compiled model sees one state layout
+        state = {"pos": torch.zeros(batch_size, dtype=torch.long, device=device)}
+        state.update(RecurrentState.join(parts).to_dict())
         return RecurrentState(state)
 
     def embed_tokens(self, input_ids: Tensor, positions: Tensor) -> Tensor:

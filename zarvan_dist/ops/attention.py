@@ -106,7 +106,9 @@ def windowed_attention(
 
     tail_seg = seg[:, length:]
     final_seg = torch.where(tail_seg == seg[:, -1:], 0, -1)
-    final = (keys[:, :, length:].to(cache_k.dtype), values[:, :, length:].to(cache_v.dtype), final_seg)
+    # contiguous, as the empty cache is: a carried cache keeps one layout (no recompiles)
+    final = (keys[:, :, length:].to(cache_k.dtype).contiguous(), values[:, :, length:].to(cache_v.dtype).contiguous(),
+             final_seg)
     return out, final
 
 

@@ -98,4 +98,5 @@ def causal_conv1d(
         frame = torch.arange(length - span, length, device=x.device)
         start = torch.where(last[:, -1] >= 0, last[:, -1], -span)
         final_state = final_state * (frame[None] >= start[:, None])[..., None].to(final_state.dtype)
-    return out, final_state
+    # contiguous, as the empty state is: a carried state keeps one layout (no recompiles)
+    return out, final_state.contiguous()

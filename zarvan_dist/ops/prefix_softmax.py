@@ -92,4 +92,5 @@ def prefix_softmax_pool(
     h = linear_scan(torch.cat([gate, gate], -1) if score_dim == width else gate,
                     torch.cat([w * values.float(), w], -1), torch.cat([n0, d0], -1), chunk_size)
     n, d = h.split([width, score_dim], -1)
-    return n / d, (m[:, -1], n[:, -1], d[:, -1])
+    # the state is contiguous, as the empty state is: a carried state keeps one layout (no recompiles)
+    return n / d, (m[:, -1].contiguous(), n[:, -1].contiguous(), d[:, -1].contiguous())

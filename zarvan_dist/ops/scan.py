@@ -31,24 +31,29 @@ DEFAULT_BLOCK = 8
 """Radix of the blocked scan; 8 is the fastest on CPU at T = 1k..4k (4 and 16 are 5-40 % slower)."""
 
 
-def _fold(dst: Tensor, gate: Tensor, src: Tensor, maxplus: bool) -> None:
-    """dst <- dst (+) gate (x) src: ``dst + gate * src``, or ``max(dst, gate + src)``."""
-    if maxplus:
-        dst.clamp_(min=gate + src)  # in place: traceable by torch.compile, unlike out= on a view
-    else:
-        dst.addcmul_(gate, src)
+def _fold(base: Tensor, gate: Tensor, state: Tensor, maxplus: bool) -> Tensor:
+    """base (+) gate (x) state: ``base + gate * state``, or ``max(base, gate + state)``."""
+    return torch.maximum(base, gate + state) if maxplus else torch.addcmul(base, gate, state)
+
+
+def _steps(a: Tensor, b: Tensor, h0: Tensor, reverse: bool, maxplus: bool) -> Tensor:
+    """The recurrence one position at a time along dim 1 (each step a whole slice)."""
+    order = range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1])
+    h, out = h0, []
+    for t in order:
+        h = _fold(b[:, t], a[:, t], h, maxplus)
+        out.append(h)
+    return torch.stack(out[::-1] if reverse else out, 1)
 
 
 def _scan(a: Tensor, b: Tensor, h0: Tensor, block: int, reverse: bool = False, maxplus: bool = False) -> Tensor:
-    """h along dim 1 (``reverse``: h_t = a_t h_{t+1} + b_t, h0 after the end). No autograd."""
+    """h along dim 1 (``reverse``: h_t = a_t h_{t+1} + b_t, h0 after the end). No autograd.
+
+    Written without in-place updates of views, so that torch.compile traces it as it is.
+    """
     batch, length = b.shape[:2]
     if length <= block:
-        h = b.clone()
-        prev = h0
-        for t in (range(length - 1, -1, -1) if reverse else range(length)):
-            _fold(h[:, t], a[:, t], prev, maxplus)
-            prev = h[:, t]
-        return h
+        return _steps(a, b, h0, reverse, maxplus)
     n_blocks = -(-length // block)
     pad = n_blocks * block - length
     if pad:  # identity steps after the end: the gate passes the state on, the input adds nothing
@@ -56,23 +61,21 @@ def _scan(a: Tensor, b: Tensor, h0: Tensor, block: int, reverse: bool = False, m
         a = F.pad(a, (0, 0) * (a.dim() - 2) + (0, pad), value=keep)
         b = F.pad(b, (0, 0) * (b.dim() - 2) + (0, pad), value=nothing)
     gates = a.view(batch, n_blocks, block, *a.shape[2:])
-    local = b.view(batch, n_blocks, block, *b.shape[2:]).clone()  # each block's scan from zero
-    through = gates.clone()  # product (sum in max-plus) of the gates from the block's edge
-    back = 1 if reverse else -1
-    for j in (range(block - 2, -1, -1) if reverse else range(1, block)):
-        _fold(local[:, :, j], gates[:, :, j], local[:, :, j + back], maxplus)
-        if maxplus:
-            through[:, :, j].add_(through[:, :, j + back])
-        else:
-            through[:, :, j].mul_(through[:, :, j + back])
-    edge = 0 if reverse else -1
-    totals = _scan(through[:, :, edge], local[:, :, edge], h0, block, reverse, maxplus)
+    inputs = b.view(batch, n_blocks, block, *b.shape[2:])
+    # each block's scan from zero, and the gates composed from the block's edge to each position
+    order = range(block - 1, -1, -1) if reverse else range(block)
+    local, through = [inputs[:, :, order[0]]], [gates[:, :, order[0]]]
+    for j in order[1:]:
+        local.append(_fold(inputs[:, :, j], gates[:, :, j], local[-1], maxplus))
+        through.append(gates[:, :, j] + through[-1] if maxplus else gates[:, :, j] * through[-1])
+    totals = _scan(through[-1], local[-1], h0, block, reverse, maxplus)  # the state at each block's far edge
     if reverse:
+        local, through = local[::-1], through[::-1]
         carried = torch.cat([totals[:, 1:], h0[:, None]], 1)
     else:
         carried = torch.cat([h0[:, None], totals[:, :-1]], 1)
-    _fold(local, through, carried[:, :, None], maxplus)
-    return local.view(batch, n_blocks * block, *b.shape[2:])[:, :length]
+    h = _fold(torch.stack(local, 2), torch.stack(through, 2), carried[:, :, None], maxplus)
+    return h.view(batch, n_blocks * block, *b.shape[2:])[:, :length]
 
 
 class _LinearScan(torch.autograd.Function):

@@ -62,4 +62,4 @@ def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | N
     else:
         gate = (~reset.to(device=x.device, dtype=torch.bool))[..., None].float()
     total = linear_scan(gate, x, initial)
-    return total, total[:, -1]
+    return total, total[:, -1].contiguous()
