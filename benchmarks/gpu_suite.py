@@ -31,7 +31,6 @@ reported as OOM. Each training figure is the median of --steps timed steps after
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time

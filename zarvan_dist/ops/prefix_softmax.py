@@ -88,9 +88,12 @@ def prefix_softmax_pool(
         if r is not None:
             gate = gate.masked_fill_(r[..., None], 0.0)
     w = torch.exp(s - m)
-    # numerator and denominator side by side share one scan; per channel their gates are the same
-    h = linear_scan(torch.cat([gate, gate], -1) if score_dim == width else gate,
-                    torch.cat([w * values.float(), w], -1), torch.cat([n0, d0], -1), chunk_size)
-    n, d = h.split([width, score_dim], -1)
+    # numerator and denominator share one scan and its gates
+    if score_dim == width:
+        h = linear_scan(gate[:, :, None], torch.stack([w * values.float(), w], 2), torch.stack([n0, d0], 1), chunk_size)
+        n, d = h.unbind(2)
+    else:
+        h = linear_scan(gate, torch.cat([w * values.float(), w], -1), torch.cat([n0, d0], -1), chunk_size)
+        n, d = h.split([width, score_dim], -1)
     # the state is contiguous, as the empty state is: a carried state keeps one layout (no recompiles)
     return n / d, (m[:, -1].contiguous(), n[:, -1].contiguous(), d[:, -1].contiguous())
