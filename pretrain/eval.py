@@ -11,6 +11,11 @@ each file is one document (a JSON-lines file: one per line), encoded with the ru
 
 The recurrent state is carried from window to window (``--no-carry``: reset before every window).
 
+**A mixture** (a run with ``data.sources``): each source's split is evaluated on its own; the JSON then
+has ``sources`` (name -> that source's figures) and ``loss`` / ``perplexity`` of the mean weighted by
+the sources' weights. ``--source NAME`` evaluates that source alone (the JSON of one dataset, with
+``source``).
+
 **Bands.** The loss is also reported per band of target position: a target's position is its index
 in its document (BOS at 0), i.e. the number of the document's tokens read when it is predicted; a
 BOS target, which ends the document before it, counts as the position after that document's last
@@ -28,6 +33,7 @@ text, documents, seq_len (raw text). The same figures go to stderr as a table.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import sys
 
@@ -82,12 +88,14 @@ def read_text_documents(inputs: list[str]) -> list[str]:
 
 
 def evaluate_split(checkpoint: Checkpoint, cfg: RunConfig, evaluator: Evaluator, split: str, rows: int, steps: int,
-                   carry: bool, edges: list[int]) -> dict:
-    """``steps`` windows (0: all) of each of ``rows`` lanes of ``split`` of the dataset ``cfg.data.dir``."""
-    manifest = Manifest.load(cfg.data.dir)
+                   carry: bool, edges: list[int], url: str | None = None) -> dict:
+    """``steps`` windows (0: all) of each of ``rows`` lanes of ``split`` of the dataset ``url`` (default
+    ``cfg.data.dir``)."""
+    url = url or cfg.data.dir
+    manifest = Manifest.load(url)
     model_cfg = checkpoint.model_config
     if manifest.vocab_size != model_cfg.vocab_size:
-        raise ConfigError(f"data.dir: the dataset {cfg.data.dir} has vocab_size {manifest.vocab_size}, the model of "
+        raise ConfigError(f"data.dir: the dataset {url} has vocab_size {manifest.vocab_size}, the model of "
                           f"{checkpoint.path} reads {model_cfg.vocab_size}: not a dataset of this model's tokenizer")
     check_neighbours(cfg, model_cfg, manifest)
     if model_cfg.arch == "nonattn" and model_cfg.retrieval and cfg.data.neighbours is None:
@@ -95,7 +103,7 @@ def evaluate_split(checkpoint: Checkpoint, cfg: RunConfig, evaluator: Evaluator,
               "--neighbours none): it evaluates without retrieved text", file=sys.stderr)
     evaluator.bos_id = manifest.bos_id
     layout = LaneLayout(manifest.split(split).windows, rows)
-    return evaluator.lanes(cfg.data.dir, split, layout, steps=steps, carry=carry, edges=edges,
+    return evaluator.lanes(url, split, layout, steps=steps, carry=carry, edges=edges,
                            neighbours=cfg.data.neighbours)
 
 
@@ -165,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="reset the recurrent state before every window (default: carry it)")
     parser.add_argument("--bands", type=parse_band_edges, default=DEFAULT_BAND_EDGES, metavar="EDGES",
                         help="band edges of target position, e.g. 128,512,2k (default: 128 x powers of 4)")
-    parser.add_argument("--data-dir", default=None, metavar="URL", help="dataset to read (default: the run's data.dir)")
+    parser.add_argument("--data-dir", default=None, metavar="URL",
+                        help="dataset to read (default: the run's data.dir, or every source of a mixture)")
+    parser.add_argument("--source", default=None, metavar="NAME",
+                        help="a mixture run: evaluate this source alone (default: each source, and their weighted mean)")
     parser.add_argument("--neighbours", default=None, metavar="URL|none",
                         help="neighbour sidecar of the dataset for a retrieval model (default: the run's "
                              "data.neighbours); none: evaluate without retrieved text")
@@ -178,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{', '.join(given)}: a split's option, not for --text")
     elif args.tokenizer is not None or args.seq_len is not None:
         parser.error("--tokenizer and --seq-len go with --text")
+    if args.source is not None and (args.text is not None or args.data_dir is not None):
+        parser.error("--source picks a source of the run's mixture: not with --text or --data-dir")
     split = None if args.text is not None else args.split or "val"
-    overrides = [f"data.dir={args.data_dir}"] if args.data_dir else []
+    overrides = [f"data.dir={args.data_dir}", "data.sources=[]"] if args.data_dir else []
     if args.neighbours is not None or args.text is not None:  # raw text has no neighbours
         overrides.append(f"data.neighbours={'null' if args.neighbours in (None, 'none') else args.neighbours}")
     try:
@@ -193,12 +206,29 @@ def main(argv: list[str] | None = None) -> int:
         if split is None:
             result = evaluate_text(checkpoint, cfg, evaluator, args.text, args.tokenizer, rows, args.seq_len,
                                    args.carry, args.bands)
-        else:
+        elif not cfg.data.sources:
+            if args.source is not None:
+                raise ConfigError(f"--source {args.source}: the run of {checkpoint.path} reads one dataset "
+                                  f"(data.dir {cfg.data.dir}), not a mixture")
             result = evaluate_split(checkpoint, cfg, evaluator, split, rows, args.steps, args.carry, args.bands)
+        else:
+            names = [s.name for s in cfg.data.sources]
+            if args.source is not None and args.source not in names:
+                raise ConfigError(f"--source {args.source}: the run's sources are {', '.join(names)}")
+            results = {s.name: evaluate_split(checkpoint, cfg, evaluator, split, rows, args.steps, args.carry,
+                                              args.bands, url=s.dir)
+                       for s in cfg.data.sources if args.source in (None, s.name)}
+            if args.source is not None:
+                result = {"source": args.source, **results[args.source]}
+            else:
+                weights = {s.name: s.weight for s in cfg.data.sources}
+                loss = sum(weights[n] * r["loss"] for n, r in results.items()) / sum(weights.values())
+                result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sources": results}
     except (ConfigError, DatasetError, CheckpointError, DataPrepError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(format_table(result), file=sys.stderr)
+    for name, figures in result.get("sources", {"": result}).items():
+        print((f"source {name}\n" if name else "") + format_table(figures), file=sys.stderr)
     print(json.dumps({"checkpoint": str(checkpoint.path), "step": checkpoint.step, "split": split, **result}))
     return 0
 

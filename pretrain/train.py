@@ -1,7 +1,8 @@
 """Train a causal LM on token shards: ``python -m pretrain --config RUN.yaml [--set key=value ...]``.
 
 Each row of the global batch streams its lane of the train split (``zarvan_dist.data.lanes``) and
-carries its recurrent state from one window to the next. The micro-step is the data cursor, so a
+carries its recurrent state from one window to the next; with ``data.sources`` the rows are dealt to
+several datasets by weight, each row a lane of one source (``zarvan_dist.data.mixture``). The micro-step is the data cursor, so a
 checkpoint plus the lane states is everything a resumed run needs to continue exactly.
 
 One process, or many under torchrun / the deepspeed launcher (``engine: ddp | fsdp | deepspeed``):
@@ -28,7 +29,8 @@ from torch import nn
 
 from zarvan_dist.config import ConfigError, to_dict
 from zarvan_dist.data import DatasetError, LaneLayout, Manifest
-from zarvan_dist.data.loader import LaneBatch, LaneLoader
+from zarvan_dist.data.loader import LaneBatch, MixtureLoader
+from zarvan_dist.data.mixture import MixtureLayout, deal_rows
 from zarvan_dist.models import ModelConfig, RecurrentState, build_model
 from zarvan_dist.training.checkpoint import (
     CheckpointError,
@@ -49,7 +51,7 @@ from zarvan_dist.training.engines import (
     resolve_dtype,
     shutdown_distributed,
 )
-from zarvan_dist.training.evaluate import Evaluator, forward_window, next_token_loss, reset_rows
+from zarvan_dist.training.evaluate import Evaluator, forward_window, next_token_loss, reset_rows, row_losses
 from zarvan_dist.training.lock import RunLock, RunLockedError
 from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
 from zarvan_dist.training.schedule import learning_rate
@@ -89,6 +91,36 @@ def build_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
 
 
+def check_sources(cfg: RunConfig, manifests: list[Manifest]) -> None:
+    """Every source of a mixture must share the first one's tokenizer (sha256) and seq_len."""
+    sources = cfg.data.mixture
+    first = manifests[0]
+    for i, (source, manifest) in enumerate(zip(sources[1:], manifests[1:]), 1):
+        for key, was, now in (("tokenizer sha256", first.tokenizer.sha256, manifest.tokenizer.sha256),
+                              ("seq_len", first.seq_len, manifest.seq_len)):
+            if was != now:
+                raise ConfigError(f"data.sources[{i}] ({source.name}, {source.dir}): {key} is {now}, source "
+                                  f"{sources[0].name} has {was}; every source of a mixture must be written with one "
+                                  f"tokenizer and seq_len")
+
+
+def mixture_layout(cfg: RunConfig, manifests: list[Manifest]) -> MixtureLayout:
+    """The train lanes of every source: ``data.rows`` dealt by weight (``zarvan_dist.data.mixture``)."""
+    sources = cfg.data.mixture
+    try:
+        rows = deal_rows([s.weight for s in sources], cfg.data.rows, [s.name for s in sources])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    layouts = []
+    for source, manifest, n in zip(sources, manifests, rows):
+        try:
+            layouts.append(LaneLayout(manifest.split("train").windows, n, cfg.data.rotation_seed))
+        except ValueError as exc:
+            where = f"source {source.name}, {n} of its rows" if cfg.data.sources else "data.rows"
+            raise ConfigError(f"{where}: {exc} (train split of {source.dir})") from None
+    return MixtureLayout(tuple(s.name for s in sources), tuple(layouts))
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block in the backward pass (parameter names unchanged)."""
     from torch.utils.checkpoint import checkpoint
@@ -124,8 +156,13 @@ class Trainer:
     def __init__(self, cfg: RunConfig, break_lock: bool = False) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
-        self.manifest = Manifest.load(cfg.data.dir)
-        self.dataset_sha256 = hashlib.sha256(self.manifest.to_json().encode()).hexdigest()
+        self.sources = cfg.data.mixture
+        self.mixture = bool(cfg.data.sources)  # per-source figures; data.dir alone is the one-dataset run
+        self.manifests = [Manifest.load(source.dir) for source in self.sources]
+        self.manifest = self.manifests[0]
+        check_sources(cfg, self.manifests)
+        hashes = [hashlib.sha256(m.to_json().encode()).hexdigest() for m in self.manifests]
+        self.dataset_sha256 = hashes if self.mixture else hashes[0]
         self.env, self.device = init_distributed(cfg.engine, resolve_device(cfg.train.device),
                                                  cfg.train.collective_timeout_min,
                                                  cpu_collectives=cfg.engine == "fsdp" and cfg.fsdp.cpu_offload)
@@ -148,13 +185,13 @@ class Trainer:
             print("note: model.retrieval is true but data.neighbours is unset: the model trains without "
                   "retrieved text (it fuses nothing)", file=sys.stderr)
         self.seq_len = self.manifest.seq_len
-        train_windows = self.manifest.split("train").windows
+        self.layout = mixture_layout(cfg, self.manifests)
         try:
-            self.layout = LaneLayout(train_windows, cfg.data.rows, cfg.data.rotation_seed)
             self.rows = self.layout.rank_rows(self.env.rank, self.env.world)
         except ValueError as exc:
-            raise ConfigError(f"data.rows: {exc} (train split of {cfg.data.dir})") from None
-        self.val_layout = self._val_layout()
+            raise ConfigError(f"data.rows: {exc}") from None
+        self.row_source = torch.from_numpy(self.layout.source_of(self.rows)).to(self.device)
+        self.val_layouts = [self._val_layout(m, s.dir) for m, s in zip(self.manifests, self.sources)]
         self.checkpoints = RunCheckpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.env, self.comm,
                                            self.device)
 
@@ -186,11 +223,11 @@ class Trainer:
         self.stop_agreed = False
 
     # ---- wiring
-    def _val_layout(self) -> LaneLayout | None:
-        windows = self.manifest.split("val").windows
+    def _val_layout(self, manifest: Manifest, url: str) -> LaneLayout | None:
+        windows = manifest.split("val").windows
         if windows < self.cfg.eval.rows:
-            print(f"note: the val split has {windows} windows, fewer than eval.rows={self.cfg.eval.rows}: "
-                  f"no validation", file=sys.stderr)
+            print(f"note: the val split of {url} has {windows} windows, fewer than eval.rows={self.cfg.eval.rows}: "
+                  f"no validation of it", file=sys.stderr)
             return None
         if self.cfg.eval.rows % self.env.world:
             raise ConfigError(f"eval.rows: the {self.cfg.eval.rows} validation rows do not divide among "
@@ -203,18 +240,31 @@ class Trainer:
     def train_batches(self) -> Iterator[LaneBatch]:
         """The train lanes from the current micro-step on."""
         d = self.cfg.data
-        return iter(LaneLoader(d.dir, "train", self.layout, rows=self.rows, start=self.counters.micro_step,
-                               workers=d.workers, prefetch=d.prefetch, neighbours=d.neighbours))
+        return iter(MixtureLoader([s.dir for s in self.sources], "train", self.layout, rows=self.rows,
+                                  start=self.counters.micro_step - self.counters.lanes_from, workers=d.workers,
+                                  prefetch=d.prefetch, neighbours=d.neighbours))
+
+    def lanes_info(self) -> dict:
+        """The lanes' shape a checkpoint records: the train windows of one dataset, or each source's."""
+        if not self.mixture:
+            return {"train_windows": self.layout.layouts[0].num_windows}
+        return {"sources": [{"name": s.name, "rows": lay.rows, "train_windows": lay.num_windows}
+                            for s, lay in zip(self.sources, self.layout.layouts)]}
 
     # ---- one step
-    def forward_window(self, batch: LaneBatch, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        """Loss of one micro-step and the rows' state after it (state reset where the lane restarts)."""
+    def forward_window(self, batch: LaneBatch, state: RecurrentState
+                       ) -> tuple[torch.Tensor, RecurrentState, torch.Tensor | None]:
+        """Loss of one micro-step, the rows' state after it (state reset where the lane restarts) and, in a
+        mixture, each row's mean loss [R] (detached; the loss is then their mean)."""
         inputs = batch.inputs.to(self.device, non_blocking=True)
         targets = batch.targets.to(self.device, non_blocking=True)
         neighbours = None if batch.neighbours is None else batch.neighbours.to(self.device, non_blocking=True)
         logits, state = forward_window(self.engine.forward, self.model, inputs, state, batch.reset,
                                        self.manifest.bos_id, neighbours, self.cfg.train.carry_state, self.autocast)
-        return next_token_loss(logits, targets), state
+        if not self.mixture:
+            return next_token_loss(logits, targets), state, None
+        per_row = row_losses(logits, targets)
+        return per_row.mean(), state, per_row.detach()
 
     def train_step(self, batches: Iterable[LaneBatch]) -> dict[str, float]:
         """One optimizer step over ``grad_accum`` consecutive micro-steps; skipped if not finite.
@@ -227,13 +277,19 @@ class Trainer:
         self.engine.train(True)
         self.engine.zero_grad()
         total = torch.zeros((), device=self.device)
+        n_sources = len(self.sources)
+        by_source = torch.zeros(n_sources, device=self.device)  # sums of the rows' mean losses, per source
         for i, batch in enumerate(islice(batches, ga)):
-            loss, self.lane_state = self.forward_window(batch, self.lane_state)
+            loss, self.lane_state, per_row = self.forward_window(batch, self.lane_state)
             self.engine.backward(loss, last=i == ga - 1)
             total += loss.detach()
+            if per_row is not None:
+                by_source.index_add_(0, self.row_source, per_row)
             self.counters.micro_step += 1
             self.counters.tokens += batch.targets.numel() * self.env.world
-        loss_sum, stops = self.comm.sum([float(total), float(self.stop_signal is not None)])
+        loss_sum, stops, *source_sums = self.comm.sum([float(total), float(self.stop_signal is not None),
+                                                       *by_source.tolist()] if self.mixture else
+                                                      [float(total), float(self.stop_signal is not None)])
         self.stop_agreed = stops > 0
         loss = loss_sum / (ga * self.env.world)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
@@ -247,19 +303,39 @@ class Trainer:
             bad = nonfinite_rows(self.lane_state)
             self.lane_state = reset_rows(self.lane_state, bad, self.model.init_state(len(bad), self.device))
         self.counters.step += 1
-        return {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.counters.tokens,
-                "skipped_steps": self.counters.skipped_steps}
+        record = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": self.counters.tokens,
+                  "skipped_steps": self.counters.skipped_steps}
+        for source, layout, loss_sum in zip(self.sources if self.mixture else (), self.layout.layouts, source_sums):
+            record[f"loss/{source.name}"] = loss_sum / (ga * layout.rows)
+        return record
 
-    def evaluate(self) -> dict:
+    def source_figures(self) -> dict[str, float]:
+        """Each source's tokens since its lanes began, share of the tokens against its weight, epoch."""
+        if not self.mixture:
+            return {}
+        step = self.counters.micro_step - self.counters.lanes_from
+        total_weight = sum(s.weight for s in self.sources)
+        out = {}
+        for source, layout, epoch in zip(self.sources, self.layout.layouts, self.layout.epochs(step)):
+            out[f"tokens/{source.name}"] = step * layout.rows * self.seq_len
+            out[f"fraction/{source.name}"] = layout.rows / self.layout.rows
+            out[f"weight/{source.name}"] = source.weight / total_weight
+            out[f"epoch/{source.name}"] = epoch
+        return out
+
+    def evaluate(self) -> dict[str, dict]:
         """The validation of ``eval.steps`` micro-steps (0: all) of the ``eval.rows`` val lanes from their start,
-        state carried as in training (``Evaluator.lanes``; the job's figures on every rank)."""
+        state carried as in training (``Evaluator.lanes``; the job's figures on every rank), per source with a
+        val split of at least ``eval.rows`` windows."""
         cfg = self.cfg
         was_training = self.engine.training
         self.engine.train(False)
         try:
-            return self.evaluator.lanes(cfg.data.dir, "val", self.val_layout,
-                                        self.val_layout.rank_rows(self.env.rank, self.env.world), cfg.eval.steps,
-                                        cfg.train.carry_state, neighbours=cfg.data.neighbours)
+            return {source.name: self.evaluator.lanes(source.dir, "val", layout,
+                                                      layout.rank_rows(self.env.rank, self.env.world),
+                                                      cfg.eval.steps, cfg.train.carry_state,
+                                                      neighbours=cfg.data.neighbours)
+                    for source, layout in zip(self.sources, self.val_layouts) if layout is not None}
         finally:
             self.engine.train(was_training)
 
@@ -268,7 +344,7 @@ class Trainer:
         """Write checkpoint ``step-N`` (collective: every rank calls it; rank 0 seals it)."""
         step = self.counters.step
         lr = learning_rate(max(step - 1, 0), self.cfg.train.steps, self.cfg.optim)
-        return self.checkpoints.save(step, self.engine, self.counters, self.lane_state, lr, self.layout,
+        return self.checkpoints.save(step, self.engine, self.counters, self.lane_state, lr, self.lanes_info(),
                                      self.seq_len, self.resolved_config(), self.dataset_sha256)
 
     def resolved_config(self) -> dict:
@@ -310,7 +386,7 @@ class Trainer:
                 self.metrics.log(step, self.meter.extend(record) if log_now else record)
                 self.check_bad_steps(record)
                 started = time.perf_counter()
-                if self.val_layout is not None and _due(step, cfg.eval.every, cfg.train.steps):
+                if any(self.val_layouts) and _due(step, cfg.eval.every, cfg.train.steps):
                     if self.stopping():  # checkpoint within the launcher's grace period; evaluate after the resume
                         self.counters.pending_eval = step
                     else:
@@ -358,11 +434,11 @@ class Trainer:
             return None
         model = to_dict(self.model_cfg)
         while True:
-            self.checkpoints.check_resumable(path, self.cfg, model, self.layout, self.seq_len, self.engine,
-                                             self.dataset_sha256)
+            new_lanes = self.checkpoints.check_resumable(path, self.cfg, model, self.lanes_info(), self.seq_len,
+                                                         self.engine, self.dataset_sha256)
             try:
-                self.lane_state, self.counters = self.checkpoints.load(path, self.engine, self.rows, self.cfg.seed,
-                                                                       self.universal)
+                lane_state, self.counters = self.checkpoints.load(path, self.engine, range(0) if new_lanes else
+                                                                  self.rows, self.cfg.seed, self.universal)
                 break
             except CheckpointError as exc:
                 if mode != "auto":
@@ -370,18 +446,34 @@ class Trainer:
                 path = self.checkpoints.older_than(path, str(exc))
                 self.universal = None
         self.universal = None
+        if new_lanes:  # checkpoint.resume_reweight: the new lanes start here, from fresh states
+            self.counters.lanes_from = self.counters.micro_step
+        else:
+            self.lane_state = lane_state
         if self.env.main:
             print(f"resumed from {path}: step {self.counters.step}, micro-step {self.counters.micro_step}, "
-                  f"{self.counters.tokens:,} tokens, {self.env.world} rank(s)", flush=True)
+                  f"{self.counters.tokens:,} tokens, {self.env.world} rank(s)"
+                  + (": data.sources changed, new lanes from their start with fresh states" if new_lanes else ""),
+                  flush=True)
         return self.counters.step
 
     def validate(self, step: int) -> None:
-        """Evaluate (``evaluate``) and log the figures at ``step``."""
-        result = self.evaluate()
-        self.metrics.log(step, {"val_loss": result["loss"], "val_perplexity": result["perplexity"]})
+        """Evaluate (``evaluate``) and log the figures at ``step``: in a mixture ``val_loss/<name>`` per source
+        and ``val_loss``, their mean weighted by the sources' weights."""
+        results = self.evaluate()
+        weights = {s.name: s.weight for s in self.sources}
+        loss = sum(weights[n] * r["loss"] for n, r in results.items()) / sum(weights[n] for n in results)
+        if self.mixture:
+            record = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
+                      **{f"val_loss/{n}": r["loss"] for n, r in results.items()}}
+        else:
+            (result,) = results.values()
+            record = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+        self.metrics.log(step, record)
         self.counters.pending_eval = 0
         if self.env.main:
-            print(f"step {step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}", flush=True)
+            each = "".join(f", {n} {r['loss']:.4f}" for n, r in results.items()) if self.mixture else ""
+            print(f"step {step}: val loss {loss:.4f}, perplexity {record['val_perplexity']:.2f}{each}", flush=True)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM / SIGUSR1: finish the current step, checkpoint, exit with ``REQUEUE_EXIT_CODE``. SIGINT
@@ -417,7 +509,7 @@ class Meter:
         shared = t.comm.mean_dict({**t.probe.pop(), **squares})
         shared.update({k: math.sqrt(shared[k]) for k in squares})
         record.update(perplexity=math.exp(min(record["loss"], 50.0)), tokens_per_s=tps,
-                      memory_gib=t.comm.max(memory_gib(t.device)), **shared)
+                      memory_gib=t.comm.max(memory_gib(t.device)), **shared, **t.source_figures())
         if self.peak is not None:  # MFU of the job: its tokens/s over the peak of all its devices
             record["mfu"] = tps * self.flops_per_token / (self.peak * 1e12 * t.env.world)
         if t.cfg.logging.progress and t.env.main:
@@ -459,8 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--break-lock", action="store_true",
                         help="take over the run directory's lock (RUN/trainer.lock) that a trainer on another host "
                              "left behind; only when no trainer runs there any more")
+    parser.add_argument("--resume-reweight", action="store_true",
+                        help="shorthand for --set checkpoint.resume_reweight=true: resume although data.sources "
+                             "(names, dirs, weights) changed, with the new lanes from their start and fresh states")
     args = parser.parse_args(argv)
     overrides = args.overrides + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    overrides += ["checkpoint.resume_reweight=true"] if args.resume_reweight else []
     status = None
     try:
         cfg = load_run_config(args.config, overrides)

@@ -148,7 +148,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` pairs to nested ``data`` (values parsed as YAML scalars)."""
+    """Apply ``a.b.c=value`` pairs to nested ``data`` (values parsed as YAML scalars); a number picks an
+    item of a list (``data.sources.1.weight=0.5``)."""
     out = dict(data)
     for item in overrides:
         if "=" not in item:
@@ -158,15 +159,22 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {key}: cannot parse {raw!r}: {exc}") from None
-        node = out
+        node: Any = out
         parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
+        for i, part in enumerate(parts):
+            where = ".".join(parts[:i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {key}: '{where}': the list has {len(node)} items (0-{len(node) - 1})")
+                part = int(part)
+            if i == len(parts) - 1:
+                node[part] = value
+                break
+            child = node[part] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {key}: '{'.'.join(parts[:i + 1])}' is not a section")
-            node[part] = dict(child)
+            elif not isinstance(child, (dict, list)):
+                raise ConfigError(f"override {key}: '{where}' is not a section")
+            node[part] = dict(child) if isinstance(child, dict) else list(child)
             node = node[part]
-        node[parts[-1]] = value
     return out

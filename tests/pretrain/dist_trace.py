@@ -1,8 +1,8 @@
 """``python -m pretrain`` with every batch a rank reads recorded (an entry for the distributed tests, not a test).
 
 Run as ``torchrun ... tests/pretrain/dist_trace.py --config RUN.yaml ...``: each rank appends one
-JSON line per micro-step batch to ``RUN/trace-rank{RANK}.jsonl``: split, micro-step, global rows,
-window indices and resets. With ``TRACE_NAN_RANK=r`` and ``TRACE_NAN_CALLS=4,5`` the training loss of
+JSON line per micro-step batch to ``RUN/trace-rank{RANK}.jsonl``: split, the dataset, micro-step, rows
+(global with one dataset; a mixture's are each source's own), window indices and resets. With ``TRACE_NAN_RANK=r`` and ``TRACE_NAN_CALLS=4,5`` the training loss of
 those micro-steps (0-based) is NaN on rank r only. Everything else is the real trainer.
 """
 
@@ -13,6 +13,7 @@ import os
 import sys
 
 import pretrain.train as train
+import zarvan_dist.data.loader as loader
 import zarvan_dist.training.evaluate as evaluate
 from zarvan_dist.data.loader import LaneLoader
 
@@ -28,7 +29,7 @@ class TracedLaneLoader(LaneLoader):
         try:
             for batch in inner:
                 with open(path, "a") as f:
-                    f.write(json.dumps({"split": self.split, "step": int(batch.step), "rows": [int(r) for r in batch.rows],
+                    f.write(json.dumps({"split": self.split, "url": self.dataset.url, "step": int(batch.step), "rows": [int(r) for r in batch.rows],
                                         "windows": [int(w) for w in batch.windows],
                                         "reset": [bool(r) for r in batch.reset]}) + "\n")
                 yield batch
@@ -64,6 +65,6 @@ if __name__ == "__main__":
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     _RUN_DIR = load_run_config(argv[argv.index("--config") + 1], overrides).run_dir
     os.makedirs(_RUN_DIR, exist_ok=True)
-    train.LaneLoader = evaluate.LaneLoader = TracedLaneLoader  # the train lanes and the val lanes
+    loader.LaneLoader = evaluate.LaneLoader = TracedLaneLoader  # the train lanes (MixtureLoader's) and the val lanes
     _inject_nans()
     sys.exit(train.main(argv))

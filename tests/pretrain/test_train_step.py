@@ -167,16 +167,16 @@ def test_carry_state_false_resets_the_state_every_window(token_dataset, tmp_path
     assert not second.reset.any()  # micro-step 1: no lane starts here
     rows = first.tokens.shape[0]
     with torch.no_grad():
-        _, state = reset.forward_window(first, reset.model.init_state(rows))
-        fresh_loss, fresh_state = reset.forward_window(second, reset.model.init_state(rows))
+        _, state, _ = reset.forward_window(first, reset.model.init_state(rows))
+        fresh_loss, fresh_state, _ = reset.forward_window(second, reset.model.init_state(rows))
         for given in (state, _garbage(state)):
-            loss, out = reset.forward_window(second, given)
+            loss, out, _ = reset.forward_window(second, given)
             assert torch.equal(loss, fresh_loss)
             assert all(torch.equal(out[k], fresh_state[k]) for k in out.keys())
         # with carry_state true the same state changes the result (the model does read it)
         carried.model.load_state_dict(reset.model.state_dict())
-        with_state, _ = carried.forward_window(second, state)
-        without, _ = carried.forward_window(second, carried.model.init_state(rows))
+        with_state, _, _ = carried.forward_window(second, state)
+        without, _, _ = carried.forward_window(second, carried.model.init_state(rows))
         assert torch.equal(without, fresh_loss) and not torch.allclose(with_state, without)
 
     # and over a run: micro-step 1 already reads a carried state, so every step's loss differs
@@ -194,10 +194,10 @@ def test_grad_accum_consumes_consecutive_windows_of_the_same_lanes(token_dataset
     original = Trainer.forward_window
 
     def forward_window(self, batch, state):
-        loss, out = original(self, batch, state)
+        loss, out, per_row = original(self, batch, state)
         if self.model.training:
             seen.append((self.counters.step, batch, state, out))
-        return loss, out
+        return loss, out, per_row
 
     monkeypatch.setattr(Trainer, "forward_window", forward_window)
     rows, accum, steps = 4, 2, 5

@@ -11,7 +11,8 @@ from zarvan_dist.models import build_model
 from zarvan_dist.training.config import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-RUN_CONFIGS = sorted(CONFIGS.glob("runs/*.yaml")) + sorted(CONFIGS.glob("quickstart*.yaml"))
+RUN_CONFIGS = (sorted(CONFIGS.glob("runs/*.yaml")) + sorted(CONFIGS.glob("quickstart*.yaml"))
+               + [CONFIGS / "mixture-example.yaml"])
 
 
 def test_there_is_a_run_config_for_every_named_model_size():
@@ -24,7 +25,7 @@ def test_there_is_a_run_config_for_every_named_model_size():
 def test_run_config_parses_and_builds(path):
     cfg = load_run_config(path)
     assert cfg.model.causal and cfg.train.steps > 0 and cfg.data.rows > 0
-    device = "cpu" if "debug" in path.stem or path.stem.startswith("quickstart") else "meta"
+    device = "cpu" if "debug" in path.stem or path.stem.startswith(("quickstart", "mixture")) else "meta"
     with torch.device(device):
         model = build_model(cfg.model)
     assert model.num_params() > 0

@@ -375,3 +375,51 @@ def _check_shard_sizes(reader: WindowReader, split: str) -> None:
             if size != shard.bytes:
                 raise DatasetError(f"{reader.url(shard.path)}: {size} bytes, the manifest says {shard.bytes}: "
                                    f"the shard is truncated or was rewritten; rewrite the dataset or restore the shard")
+
+
+class MixtureLoader:
+    """``LaneLoader`` over a mixture: one LaneLoader per source that ``rows`` reach, their batches joined.
+
+    Every micro-step yields one ``LaneBatch`` of the global ``rows`` in order, each row read from its
+    source's lanes (``zarvan_dist.data.mixture.MixtureLayout``); ``windows`` are window indices in the
+    row's own source. Each source's loader starts its own ``workers`` processes; ``close()`` (or leaving
+    the ``with`` block, or closing an iterator) stops them all. One source with the rows from 0 is exactly
+    its LaneLoader.
+    """
+
+    def __init__(self, urls: list[str], split: str, layout, rows: range | None = None, start: int = 0,
+                 workers: int = 0, prefetch: int = 2, neighbours: str | None = None) -> None:
+        self.rows = range(layout.rows) if rows is None else rows
+        self.loaders = [(layout.starts[i], LaneLoader(urls[i], split, layout.layouts[i], rows=local, start=start,
+                                                      workers=workers, prefetch=prefetch, neighbours=neighbours))
+                        for i, local in layout.parts(self.rows)]
+
+    def __iter__(self) -> Iterator[LaneBatch]:
+        return self._batches()
+
+    def close(self) -> None:
+        for _, loader in self.loaders:
+            loader.close()
+
+    def __enter__(self) -> MixtureLoader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _batches(self) -> Iterator[LaneBatch]:
+        streams = [(offset, iter(loader)) for offset, loader in self.loaders]
+        try:
+            if len(streams) == 1 and streams[0][0] == 0:
+                yield from streams[0][1]
+                return
+            while True:
+                got = [(offset, next(stream)) for offset, stream in streams]
+                parts = [b for _, b in got]
+                yield LaneBatch(parts[0].step, torch.cat([b.rows + offset for offset, b in got]),
+                                torch.cat([b.windows for b in parts]), torch.cat([b.tokens for b in parts]),
+                                torch.cat([b.reset for b in parts]),
+                                None if parts[0].neighbours is None else torch.cat([b.neighbours for b in parts]))
+        finally:
+            for _, stream in streams:
+                stream.close()

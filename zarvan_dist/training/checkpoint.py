@@ -54,7 +54,6 @@ from zarvan_dist.tokenizer import Tokenizer, TokenizerError, check_tokenizer, lo
 from zarvan_dist.training.config import RunConfig
 
 if TYPE_CHECKING:
-    from zarvan_dist.data.lanes import LaneLayout
     from zarvan_dist.training.engines import Collective, DistEnv, Engine
 
 META = "meta.json"
@@ -519,6 +518,9 @@ class Counters:
     """Non-finite steps since the last good one."""
     pending_eval: int = 0
     """The step whose evaluation a stop skipped (0: none): run first after the resume."""
+    lanes_from: int = 0
+    """The micro-step where the current lane layout began (a resume with ``checkpoint.resume_reweight`` starts
+    new lanes there): the lanes' cursor is ``micro_step - lanes_from``."""
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -581,10 +583,11 @@ class RunCheckpointer:
         return Path(found)
 
     def save(self, step: int, engine: Engine, counters: Counters, lane_state: RecurrentState, lr: float,
-             layout: LaneLayout, seq_len: int, config: dict, dataset_sha256: str) -> Path:
+             lanes_info: dict[str, Any], seq_len: int, config: dict, dataset_sha256: str) -> Path:
         """Write checkpoint ``step-N``: the engine's files, every row's lane state, each rank's RNG,
-        ``trainer.json`` (``counters``, ``lr``, the lanes' shape, engine, world size, the sha256 of the
-        dataset's manifest) and ``config``. A write that fails on any rank (a full disk, a lost mount) is
+        ``trainer.json`` (``counters``, ``lr``, the lanes' shape ``lanes_info``: ``train_windows`` of one dataset
+        or the ``sources`` of a mixture, engine, world size, the sha256 of the dataset's manifest) and
+        ``config``. A write that fails on any rank (a full disk, a lost mount) is
         one CheckpointError on every rank; the partial directory is removed and ``latest`` stays."""
         main = self.env.main
         tmp = self.checkpoints.begin(step) if main else None
@@ -598,9 +601,9 @@ class RunCheckpointer:
                 save_tensors(tmp / LANES_FILE, lanes)
                 save_tensors(tmp / RNG_FILE, {f"{name}.rank{r}": t for r, rng in enumerate(rngs)
                                               for name, t in rng.items()})
-                write_json(tmp / TRAINER_FILE, {**counters.state_dict(), "lr": lr, "train_windows": layout.num_windows,
-                                                "seq_len": seq_len, "world_size": self.env.world,
-                                                "dataset_sha256": dataset_sha256, **engine.checkpoint_info()})
+                write_json(tmp / TRAINER_FILE, {**counters.state_dict(), "lr": lr, **lanes_info, "seq_len": seq_len,
+                                                "world_size": self.env.world, "dataset_sha256": dataset_sha256,
+                                                **engine.checkpoint_info()})
                 save_config(tmp / CONFIG_FILE, config)
         except (OSError, RuntimeError, ValueError) as exc:  # torch.save reports a full disk as a RuntimeError
             error = f"rank {self.env.rank}: {type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -619,10 +622,12 @@ class RunCheckpointer:
         self.comm.barrier()
         return self.root / checkpoint_name(step)
 
-    def check_resumable(self, path: Path, cfg: RunConfig, model: dict, layout: LaneLayout, seq_len: int,
-                        engine: Engine, dataset_sha256: str) -> None:
-        """Refuse checkpoint ``path`` where its model (``model``: this run's resolved model config), lanes,
-        dataset or engine's files do not fit this run, naming the key and both values."""
+    def check_resumable(self, path: Path, cfg: RunConfig, model: dict, lanes_info: dict[str, Any], seq_len: int,
+                        engine: Engine, dataset_sha256: str) -> bool:
+        """Refuse checkpoint ``path`` where its model (``model``: this run's resolved model config), lanes
+        (``lanes_info``, as ``save`` writes them), dataset or engine's files do not fit this run, naming the key and
+        both values. Returns True where the lanes start afresh: a mixture changed under
+        ``checkpoint.resume_reweight``."""
         raw = load_yaml(path / CONFIG_FILE)
         saved = RunConfig.from_dict(raw)
         info = json.loads((path / TRAINER_FILE).read_text())
@@ -633,24 +638,50 @@ class RunCheckpointer:
                               for k in changed)
             raise ConfigError(f"{shown}: the weights of {path} do not fit this model; resume with the checkpoint's "
                               f"model, or start a new run (--resume none)")
-        lanes = {"data.rows": (saved.data.rows, cfg.data.rows),
-                 "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
-                 "train windows": (info.get("train_windows"), layout.num_windows),
-                 "seq_len": (info.get("seq_len"), seq_len)}
-        for name, (was, now) in lanes.items():
+        mixture = [(s.name, s.dir, s.weight) for s in saved.data.sources]
+        if mixture != [(s.name, s.dir, s.weight) for s in cfg.data.sources]:
+            if not cfg.checkpoint.resume_reweight:
+                shown = lambda sources: ", ".join(f"{n} ({d}, weight {w:g})" for n, d, w in sources) or "data.dir only"
+                raise ConfigError(f"data.sources: the checkpoint {path} was trained on {shown(mixture)}, this run "
+                                  f"reads {shown([(s.name, s.dir, s.weight) for s in cfg.data.sources])}; set "
+                                  f"checkpoint.resume_reweight: true (--resume-reweight) to go on from its weights "
+                                  f"with the new lanes from their start and fresh states, or resume with the "
+                                  f"checkpoint's sources")
+            if info.get("seq_len") not in (None, seq_len):
+                raise ConfigError(f"seq_len: the checkpoint {path} was taken with {info.get('seq_len')}, this run "
+                                  f"has {seq_len}")
+            self._check_engine(path, info, engine)
+            return True
+        checks = {"data.rows": (saved.data.rows, cfg.data.rows),
+                  "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
+                  "train windows": (info.get("train_windows"), lanes_info.get("train_windows")),
+                  "sources": (info.get("sources"), lanes_info.get("sources")),
+                  "seq_len": (info.get("seq_len"), seq_len)}
+        for name, (was, now) in checks.items():
             if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
         was = info.get("dataset_sha256")
         if was is not None and was != dataset_sha256 and not cfg.checkpoint.allow_other_data:
-            raise ConfigError(f"data.dir: the checkpoint {path} was trained on a dataset whose manifest has sha256 "
-                              f"{was[:12]}..., the manifest of {cfg.data.dir} has {dataset_sha256[:12]}... (another "
+            if isinstance(was, list):  # a mixture: one per source
+                i = next(i for i, (a, b) in enumerate(zip(was, dataset_sha256)) if a != b)
+                where, was, now = f"data.sources[{i}] ({cfg.data.sources[i].name})", was[i], dataset_sha256[i]
+                url = cfg.data.sources[i].dir
+            else:
+                where, now, url = "data.dir", dataset_sha256, cfg.data.dir
+            raise ConfigError(f"{where}: the checkpoint {path} was trained on a dataset whose manifest has sha256 "
+                              f"{was[:12]}..., the manifest of {url} has {now[:12]}... (another "
                               f"dataset, or one written again); set checkpoint.allow_other_data: true to resume on it "
                               f"anyway (each lane goes on at its window index), or start afresh with --resume none")
         if saved.data.neighbours != cfg.data.neighbours and self.env.main:
             # a moved sidecar (another URL, same files) is fine; another one changes what the model reads
             print(f"note: the checkpoint {path} was trained with data.neighbours {saved.data.neighbours}, "
                   f"this run reads {cfg.data.neighbours}", file=sys.stderr)
+        self._check_engine(path, info, engine)
+        return False
+
+    @staticmethod
+    def _check_engine(path: Path, info: dict, engine: Engine) -> None:
         written_by = info.get("engine", "single")
         if FORMATS[written_by] != engine.format:
             raise ConfigError(f"engine: the checkpoint {path} was written by engine {written_by}, whose files "
@@ -658,18 +689,21 @@ class RunCheckpointer:
                               f"new run from its weights: --set checkpoint.init_from={path} --resume none")
 
     def load(self, path: Path, engine: Engine, rows: range, seed: int,
-             universal: Path | None = None) -> tuple[RecurrentState, Counters]:
+             universal: Path | None = None) -> tuple[RecurrentState | None, Counters]:
         """Restore the engine's files (from ``universal``, DeepSpeed's conversion, when given), this rank's
-        ``rows`` of the lane states, its RNG and the counters of checkpoint ``path`` (checked already)."""
+        ``rows`` of the lane states (None when ``rows`` is empty: new lanes), its RNG and the counters of
+        checkpoint ``path`` (checked already)."""
         error = None
         try:
             if universal is not None:
                 engine.load(universal)
             else:
                 engine.load(path)
-            state = load_tensors(path / LANES_FILE)  # every row, on the CPU: this rank takes its own
-            lane_state = RecurrentState({k: v[rows.start:rows.stop].contiguous().to(self.device)
-                                         for k, v in state.items()})
+            lane_state = None
+            if len(rows):
+                state = load_tensors(path / LANES_FILE)  # every row, on the CPU: this rank takes its own
+                lane_state = RecurrentState({k: v[rows.start:rows.stop].contiguous().to(self.device)
+                                             for k, v in state.items()})
             info = json.loads((path / TRAINER_FILE).read_text())
             rng = load_tensors(path / RNG_FILE)
         except _LOAD_ERRORS as exc:  # files that verified against meta.json but cannot be read

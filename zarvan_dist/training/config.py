@@ -7,6 +7,7 @@ inline ``model:`` mapping then overrides). ``load_run_config`` resolves it into 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -21,12 +22,44 @@ ENGINES: tuple[str, ...] = get_args(EngineName)
 """How a model can be wrapped for training (``zarvan_dist.training.engines``)."""
 
 
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+@dataclass
+class SourceConfig:
+    """One dataset of a mixture (``data.sources``)."""
+
+    dir: str
+    """fsspec URL of the dataset written by ``data_prep shards`` (its directory)."""
+    weight: float = 1.0
+    """Share of the global batch's rows (relative to the other sources' weights); must be positive."""
+    name: str = ""
+    """Name in the metrics (``tokens/<name>``, ``loss/<name>``, ``val_loss/<name>``); default: the
+    directory's last path component. Letters, digits, '_', '.', '-'."""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = self.dir.rstrip("/").rsplit("/", 1)[-1]
+        if not _SOURCE_NAME.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} is not a metric name (letters, digits, '_', '.', '-')")
+        if not self.weight > 0:  # also NaN
+            raise ConfigError(f"weight: source {self.name} has weight {self.weight}; a weight must be positive "
+                              f"(leave the source out to not read it)")
+
+
+DEFAULT_DATA_DIR = "data/quickstart"
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how the lanes read them."""
 
-    dir: str = "data/quickstart"
-    """fsspec URL of the dataset written by ``data_prep shards`` (its directory)."""
+    dir: str = DEFAULT_DATA_DIR
+    """fsspec URL of the dataset written by ``data_prep shards`` (its directory): the one-source shorthand.
+    With ``sources`` it is the first source's directory (set for you; another value is an error)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: datasets of one tokenizer and seq_len, each with a weight and a name; the global rows are
+    dealt to them in proportion to the weights (``zarvan_dist.data.mixture``). Empty: ``dir`` alone."""
     rows: int = 8
     """G, rows of the global batch; row j streams lane j of the train split."""
     workers: int = 1
@@ -44,6 +77,24 @@ class DataConfig:
         _positive(self, "rows", "prefetch")
         if self.workers < 0:
             raise ConfigError(f"workers: expected a non-negative integer, got {self.workers}")
+        if self.sources:
+            if self.dir not in (DEFAULT_DATA_DIR, self.sources[0].dir):
+                raise ConfigError(f"dir: {self.dir!r} with sources: give data.dir (one dataset) or data.sources "
+                                  f"(a mixture), not both")
+            self.dir = self.sources[0].dir
+            names = [s.name for s in self.sources]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ConfigError(f"sources: the name {twice[0]!r} is given to more than one source; set name: "
+                                  f"to tell them apart")
+            if self.neighbours is not None:
+                raise ConfigError("neighbours: retrieval reads the sidecar of one dataset; it is not supported "
+                                  "with data.sources")
+
+    @property
+    def mixture(self) -> list[SourceConfig]:
+        """The sources read: ``sources``, or ``dir`` as the one source of weight 1."""
+        return self.sources or [SourceConfig(dir=self.dir, name="data")]
 
 
 @dataclass
@@ -131,6 +182,10 @@ class CheckpointConfig:
     allow_other_data: bool = False
     """Resume although the dataset's manifest is not the one the checkpoint was trained on (its sha256 is in
     trainer.json): each lane goes on at its window index in the new dataset."""
+    resume_reweight: bool = False
+    """Resume although ``data.sources`` (names, directories or weights) differ from the checkpoint's: weights,
+    optimizer and counters come from the checkpoint, the new lanes start from their beginning with fresh
+    recurrent states (CLI: ``--resume-reweight``)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:

@@ -41,6 +41,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B] mean cross-entropy of each row in float32: logits [B, T, V], targets [B, T]."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    return losses.view(targets.shape).mean(1)
+
+
 def reset_rows(state: RecurrentState, rows: torch.Tensor, fresh: RecurrentState) -> RecurrentState:
     """``state`` with the rows where ``rows`` [B] is True replaced by ``fresh``'s (in place)."""
     if not bool(rows.any()):
