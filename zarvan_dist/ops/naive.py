@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from zarvan_dist.ops.prefix_softmax import EMPTY_MAX, check_pool_shapes, empty_softmax_state
+from zarvan_dist.ops.prefix_softmax import EMPTY_MAX, pool_arguments
 from zarvan_dist.ops.segments import last_reset_index
 
 _Piece = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -61,11 +61,8 @@ def naive_prefix_softmax_pool(
 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
     """``prefix_softmax_pool`` as a Hillis-Steele scan of online-softmax triples (same contract)."""
     batch, length, width = values.shape
-    score_dim = check_pool_shapes(scores, values)
+    score_dim, (m0, n0, d0) = pool_arguments(scores, values, initial_state)
     device = values.device
-    if initial_state is None:
-        initial_state = empty_softmax_state(batch, score_dim, width, device)
-    m0, n0, d0 = (x.float() for x in initial_state)
     if length == 0:
         return values.float(), (m0, n0, d0)
 

@@ -41,13 +41,18 @@ def empty_softmax_state(batch: int, score_dim: int, value_dim: int, device=None)
     )
 
 
-def check_pool_shapes(scores: Tensor, values: Tensor) -> int:
-    """The score width S (1 or E), or a ValueError naming both shapes."""
+def pool_arguments(scores: Tensor, values: Tensor, initial_state: tuple[Tensor, Tensor, Tensor] | None
+                   ) -> tuple[int, tuple[Tensor, Tensor, Tensor]]:
+    """The score width S (1 or E; else a ValueError naming both shapes) and the initial state in float32
+    (the empty one for None): what every form of ``prefix_softmax_pool`` starts from."""
     batch, length, width = values.shape
     score_dim = scores.shape[-1]
     if scores.shape[:2] != (batch, length) or score_dim not in (1, width):
         raise ValueError(f"scores {tuple(scores.shape)} do not match values {tuple(values.shape)}")
-    return score_dim
+    if initial_state is None:
+        initial_state = empty_softmax_state(batch, score_dim, width, values.device)
+    m0, n0, d0 = (x.float() for x in initial_state)
+    return score_dim, (m0, n0, d0)
 
 
 def prefix_softmax_pool(
@@ -72,16 +77,12 @@ def prefix_softmax_pool(
         final_state: (m, n, d) after position T-1, float32 (m carries no gradient).
     """
     batch, length, width = values.shape
-    score_dim = check_pool_shapes(scores, values)
-    device = values.device
-    if initial_state is None:
-        initial_state = empty_softmax_state(batch, score_dim, width, device)
-    m0, n0, d0 = (x.float() for x in initial_state)
+    score_dim, (m0, n0, d0) = pool_arguments(scores, values, initial_state)
     if length == 0:
         return values.float(), (m0, n0, d0)
 
     s = scores.float()
-    r = reset.to(device=device, dtype=torch.bool) if reset is not None else None
+    r = reset.to(device=values.device, dtype=torch.bool) if reset is not None else None
     with torch.no_grad():
         m = running_max(s, m0, r, chunk_size)  # [B, T, S]
         gate = torch.exp(torch.cat([m0[:, None], m[:, :-1]], 1) - m)
