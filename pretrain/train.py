@@ -2,8 +2,9 @@
 
 Each row of the global batch streams its lane of the train split (``zarvan_dist.data.lanes``) and
 carries its recurrent state from one window to the next; with ``data.sources`` the rows are dealt to
-several datasets by weight, each row a lane of one source (``zarvan_dist.data.mixture``). The micro-step is the data cursor, so a
-checkpoint plus the lane states is everything a resumed run needs to continue exactly.
+several datasets by weight, each row a lane of one source (``zarvan_dist.data.mixture``). The
+micro-step is the data cursor, so a checkpoint plus the lane states is everything a resumed run
+needs to continue exactly.
 
 One process, or many under torchrun / the deepspeed launcher (``engine: ddp | fsdp | deepspeed``):
 rank r of R streams rows [r*G/R, (r+1)*G/R) of the G-row global batch; loss, tokens and metrics are
@@ -277,8 +278,7 @@ class Trainer:
         self.engine.train(True)
         self.engine.zero_grad()
         total = torch.zeros((), device=self.device)
-        n_sources = len(self.sources)
-        by_source = torch.zeros(n_sources, device=self.device)  # sums of the rows' mean losses, per source
+        by_source = torch.zeros(len(self.sources), device=self.device)  # a mixture: sums of its rows' mean losses
         for i, batch in enumerate(islice(batches, ga)):
             loss, self.lane_state, per_row = self.forward_window(batch, self.lane_state)
             self.engine.backward(loss, last=i == ga - 1)
@@ -288,8 +288,7 @@ class Trainer:
             self.counters.micro_step += 1
             self.counters.tokens += batch.targets.numel() * self.env.world
         loss_sum, stops, *source_sums = self.comm.sum([float(total), float(self.stop_signal is not None),
-                                                       *by_source.tolist()] if self.mixture else
-                                                      [float(total), float(self.stop_signal is not None)])
+                                                       *by_source.tolist()])
         self.stop_agreed = stops > 0
         loss = loss_sum / (ga * self.env.world)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
