@@ -47,7 +47,7 @@ from zarvan_dist.tokenizer import BOS_ID, PAD_ID
 from zarvan_dist.training.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 from zarvan_dist.training.config import RunConfig, check_neighbours
 from zarvan_dist.training.engines import autocast, resolve_device, resolve_dtype
-from zarvan_dist.training.evaluate import DEFAULT_BAND_EDGES, Evaluator
+from zarvan_dist.training.evaluate import DEFAULT_BAND_EDGES, Evaluator, mixture_loss
 
 _SUFFIXES = {"k": 1 << 10, "m": 1 << 20}
 
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.source is not None:
                 result = {"source": args.source, **results[args.source]}
             else:
-                weights = {s.name: s.weight for s in cfg.data.sources}
-                loss = sum(weights[n] * r["loss"] for n, r in results.items()) / sum(weights.values())
+                loss = mixture_loss({n: r["loss"] for n, r in results.items()},
+                                    {s.name: s.weight for s in cfg.data.sources})
                 result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sources": results}
     except (ConfigError, DatasetError, CheckpointError, DataPrepError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

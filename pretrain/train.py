@@ -52,7 +52,14 @@ from zarvan_dist.training.engines import (
     resolve_dtype,
     shutdown_distributed,
 )
-from zarvan_dist.training.evaluate import Evaluator, forward_window, next_token_loss, reset_rows, row_losses
+from zarvan_dist.training.evaluate import (
+    Evaluator,
+    forward_window,
+    mixture_loss,
+    next_token_loss,
+    reset_rows,
+    row_losses,
+)
 from zarvan_dist.training.lock import RunLock, RunLockedError
 from zarvan_dist.training.metrics import ExpertProbe, MetricsLogger, Progress, memory_gib, peak_tflops, state_norms
 from zarvan_dist.training.schedule import learning_rate
@@ -119,7 +126,7 @@ def mixture_layout(cfg: RunConfig, manifests: list[Manifest]) -> MixtureLayout:
         except ValueError as exc:
             where = f"source {source.name}, {n} of its rows" if cfg.data.sources else "data.rows"
             raise ConfigError(f"{where}: {exc} (train split of {source.dir})") from None
-    return MixtureLayout(tuple(s.name for s in sources), tuple(layouts))
+    return MixtureLayout(tuple(layouts))
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -242,7 +249,7 @@ class Trainer:
         """The train lanes from the current micro-step on."""
         d = self.cfg.data
         return iter(MixtureLoader([s.dir for s in self.sources], "train", self.layout, rows=self.rows,
-                                  start=self.counters.micro_step - self.counters.lanes_from, workers=d.workers,
+                                  start=self.counters.lane_step, workers=d.workers,
                                   prefetch=d.prefetch, neighbours=d.neighbours))
 
     def lanes_info(self) -> dict:
@@ -312,7 +319,7 @@ class Trainer:
         """Each source's tokens since its lanes began, share of the tokens against its weight, epoch."""
         if not self.mixture:
             return {}
-        step = self.counters.micro_step - self.counters.lanes_from
+        step = self.counters.lane_step
         total_weight = sum(s.weight for s in self.sources)
         out = {}
         for source, layout, epoch in zip(self.sources, self.layout.layouts, self.layout.epochs(step)):
@@ -460,8 +467,7 @@ class Trainer:
         """Evaluate (``evaluate``) and log the figures at ``step``: in a mixture ``val_loss/<name>`` per source
         and ``val_loss``, their mean weighted by the sources' weights."""
         results = self.evaluate()
-        weights = {s.name: s.weight for s in self.sources}
-        loss = sum(weights[n] * r["loss"] for n, r in results.items()) / sum(weights[n] for n in results)
+        loss = mixture_loss({n: r["loss"] for n, r in results.items()}, {s.name: s.weight for s in self.sources})
         if self.mixture:
             record = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0)),
                       **{f"val_loss/{n}": r["loss"] for n, r in results.items()}}

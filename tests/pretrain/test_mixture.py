@@ -61,7 +61,7 @@ def test_largest_remainder_deals_rows_in_proportion_and_says_when_rows_are_too_f
 
 
 def test_the_mixture_layout_lays_sources_out_row_after_row_and_splits_ranks_evenly():
-    layout = MixtureLayout(("web", "code"), (LaneLayout(60, 6), LaneLayout(20, 2)))
+    layout = MixtureLayout((LaneLayout(60, 6), LaneLayout(20, 2)))
     assert layout.rows == 8 and layout.starts == [0, 6]
     assert layout.parts(layout.rank_rows(0, 2)) == [(0, range(0, 4))]
     assert layout.parts(layout.rank_rows(1, 2)) == [(0, range(4, 6)), (1, range(0, 2))]

@@ -22,6 +22,16 @@ import numpy as np
 from zarvan_dist.data.hashing import splitmix64_outputs
 
 
+def rank_rows(rows: int, rank: int, world: int) -> range:
+    """The contiguous block of ``rows / world`` global rows that rank ``rank`` of ``world`` reads."""
+    if world < 1 or rows % world:
+        raise ValueError(f"the {rows} rows of the global batch do not divide among {world} ranks")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in a world of {world}")
+    per = rows // world
+    return range(rank * per, (rank + 1) * per)
+
+
 @dataclass(frozen=True)
 class LaneLayout:
     """Windows of a split dealt to G rows, as a pure function of the micro-step."""
@@ -58,12 +68,7 @@ class LaneLayout:
 
     def rank_rows(self, rank: int, world: int) -> range:
         """The global rows rank ``rank`` of ``world`` reads."""
-        if world < 1 or self.rows % world:
-            raise ValueError(f"the {self.rows} rows of the global batch do not divide among {world} ranks")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in a world of {world}")
-        per = self.rows // world
-        return range(rank * per, (rank + 1) * per)
+        return rank_rows(self.rows, rank, world)
 
     def windows(self, step: int, rows: range | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Window index and state reset of each row at micro-step ``step``.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zarvan_dist.data.lanes import LaneLayout
+from zarvan_dist.data.lanes import LaneLayout, rank_rows
 
 
 def deal_rows(weights: Sequence[float], rows: int, names: Sequence[str]) -> list[int]:
@@ -50,10 +50,8 @@ def deal_rows(weights: Sequence[float], rows: int, names: Sequence[str]) -> list
 class MixtureLayout:
     """The global rows of several sources' lanes (one source: exactly its ``LaneLayout``)."""
 
-    names: tuple[str, ...]
-    """Source names, in row order."""
     layouts: tuple[LaneLayout, ...]
-    """Each source's lanes over its train split; ``layouts[i].rows`` is its share of the rows."""
+    """Each source's lanes over its train split, in row order; ``layouts[i].rows`` is its share of the rows."""
 
     @property
     def rows(self) -> int:
@@ -67,7 +65,7 @@ class MixtureLayout:
 
     def rank_rows(self, rank: int, world: int) -> range:
         """The global rows rank ``rank`` of ``world`` reads (G / world contiguous rows)."""
-        return LaneLayout(self.rows, self.rows).rank_rows(rank, world)
+        return rank_rows(self.rows, rank, world)
 
     def parts(self, rows: range) -> list[tuple[int, range]]:
         """(source, its local rows) of each source that ``rows`` (contiguous global rows) reach, in row order."""

@@ -522,6 +522,11 @@ class Counters:
     """The micro-step where the current lane layout began (a resume with ``checkpoint.resume_reweight`` starts
     new lanes there): the lanes' cursor is ``micro_step - lanes_from``."""
 
+    @property
+    def lane_step(self) -> int:
+        """The lanes' cursor: micro-steps since the current lane layout began."""
+        return self.micro_step - self.lanes_from
+
     def state_dict(self) -> dict[str, int]:
         return asdict(self)
 
@@ -639,30 +644,26 @@ class RunCheckpointer:
             raise ConfigError(f"{shown}: the weights of {path} do not fit this model; resume with the checkpoint's "
                               f"model, or start a new run (--resume none)")
         mixture = [(s.name, s.dir, s.weight) for s in saved.data.sources]
-        if mixture != [(s.name, s.dir, s.weight) for s in cfg.data.sources]:
-            if not cfg.checkpoint.resume_reweight:
-                shown = lambda sources: ", ".join(f"{n} ({d}, weight {w:g})" for n, d, w in sources) or "data.dir only"
-                raise ConfigError(f"data.sources: the checkpoint {path} was trained on {shown(mixture)}, this run "
-                                  f"reads {shown([(s.name, s.dir, s.weight) for s in cfg.data.sources])}; set "
-                                  f"checkpoint.resume_reweight: true (--resume-reweight) to go on from its weights "
-                                  f"with the new lanes from their start and fresh states, or resume with the "
-                                  f"checkpoint's sources")
-            if info.get("seq_len") not in (None, seq_len):
-                raise ConfigError(f"seq_len: the checkpoint {path} was taken with {info.get('seq_len')}, this run "
-                                  f"has {seq_len}")
-            self._check_engine(path, info, engine)
-            return True
-        checks = {"data.rows": (saved.data.rows, cfg.data.rows),
-                  "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
-                  "train windows": (info.get("train_windows"), lanes_info.get("train_windows")),
-                  "sources": (info.get("sources"), lanes_info.get("sources")),
-                  "seq_len": (info.get("seq_len"), seq_len)}
+        new_lanes = mixture != [(s.name, s.dir, s.weight) for s in cfg.data.sources]
+        if new_lanes and not cfg.checkpoint.resume_reweight:
+            shown = lambda sources: ", ".join(f"{n} ({d}, weight {w:g})" for n, d, w in sources) or "data.dir only"
+            raise ConfigError(f"data.sources: the checkpoint {path} was trained on {shown(mixture)}, this run "
+                              f"reads {shown([(s.name, s.dir, s.weight) for s in cfg.data.sources])}; set "
+                              f"checkpoint.resume_reweight: true (--resume-reweight) to go on from its weights "
+                              f"with the new lanes from their start and fresh states, or resume with the "
+                              f"checkpoint's sources")
+        checks = {"seq_len": (info.get("seq_len"), seq_len)}
+        if not new_lanes:  # the lanes go on where they were: their shape must be the same
+            checks.update({"data.rows": (saved.data.rows, cfg.data.rows),
+                           "data.rotation_seed": (saved.data.rotation_seed, cfg.data.rotation_seed),
+                           "train windows": (info.get("train_windows"), lanes_info.get("train_windows")),
+                           "sources": (info.get("sources"), lanes_info.get("sources"))})
         for name, (was, now) in checks.items():
             if was != now and not (was is None and name in ("train windows", "seq_len")):  # older trainer.json
                 raise ConfigError(f"{name}: the checkpoint {path} was taken with {was}, this run has {now}; "
                                   f"its lane cursor and states would not fit (start afresh with --resume none)")
         was = info.get("dataset_sha256")
-        if was is not None and was != dataset_sha256 and not cfg.checkpoint.allow_other_data:
+        if not new_lanes and was is not None and was != dataset_sha256 and not cfg.checkpoint.allow_other_data:
             if isinstance(was, list):  # a mixture: one per source
                 i = next(i for i, (a, b) in enumerate(zip(was, dataset_sha256)) if a != b)
                 where, was, now = f"data.sources[{i}] ({cfg.data.sources[i].name})", was[i], dataset_sha256[i]
@@ -677,16 +678,12 @@ class RunCheckpointer:
             # a moved sidecar (another URL, same files) is fine; another one changes what the model reads
             print(f"note: the checkpoint {path} was trained with data.neighbours {saved.data.neighbours}, "
                   f"this run reads {cfg.data.neighbours}", file=sys.stderr)
-        self._check_engine(path, info, engine)
-        return False
-
-    @staticmethod
-    def _check_engine(path: Path, info: dict, engine: Engine) -> None:
         written_by = info.get("engine", "single")
         if FORMATS[written_by] != engine.format:
             raise ConfigError(f"engine: the checkpoint {path} was written by engine {written_by}, whose files "
                               f"engine {engine.name} cannot resume; resume with engine: {written_by}, or start a "
                               f"new run from its weights: --set checkpoint.init_from={path} --resume none")
+        return new_lanes
 
     def load(self, path: Path, engine: Engine, rows: range, seed: int,
              universal: Path | None = None) -> tuple[RecurrentState | None, Counters]:

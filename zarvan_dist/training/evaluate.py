@@ -41,6 +41,11 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def mixture_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
+    """The mean of a mixture's per-source losses (name -> loss) weighted by the sources' weights."""
+    return sum(weights[name] * loss for name, loss in losses.items()) / sum(weights[name] for name in losses)
+
+
 def row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[B] mean cross-entropy of each row in float32: logits [B, T, V], targets [B, T]."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
