@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench_generate import synchronize  # noqa: E402
 from zarvan_dist.ops import causal_conv1d, prefix_softmax_pool, prefix_sum  # noqa: E402
 from zarvan_dist.ops.naive import naive_prefix_softmax_pool, naive_prefix_sum  # noqa: E402
 
@@ -81,11 +82,6 @@ def op_cases(width: int) -> dict[str, dict[str, object]]:
         "causal_conv1d depthwise k4": {"inputs": conv(4, 1, True), "fast": causal_conv1d},
         "causal_conv1d full k3 d4": {"inputs": conv(3, 4, False), "fast": causal_conv1d},
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def count_calls(step: Callable[[], None]) -> tuple[int, int]:

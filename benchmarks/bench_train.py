@@ -27,6 +27,36 @@ from zarvan_dist.training.metrics import memory_gib, peak_tflops
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "models"
 
 
+def step_seconds(model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: int, seq_len: int, steps: int,
+                 device: torch.device, autocast: contextlib.AbstractContextManager) -> list[float]:
+    """Seconds of each of ``steps`` training steps (forward, backward, clipping, optimizer step) over
+    ``rows`` windows of ``seq_len`` random tokens, the state carried where the model has one."""
+    stateful = hasattr(model, "init_state")
+    state = model.init_state(rows, device) if stateful else None
+    times = []
+    for _ in range(steps):
+        ids = torch.randint(4, model.config.vocab_size, (rows, seq_len + 1), device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            if stateful:
+                out = model(ids[:, :-1], state)
+                logits, state = out.logits, out.state.detach()
+            else:
+                logits = model(ids[:, :-1])
+        loss = next_token_loss(logits, ids[:, 1:])
+        del logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def bench(arch: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per step and the derived figures of one arch."""
     device = resolve_device(args.device)
@@ -38,25 +68,8 @@ def bench(arch: str, args: argparse.Namespace) -> dict[str, float]:
     optimizer = build_optimizer(model, run)
     autocast = (contextlib.nullcontext() if dtype == torch.float32
                 else torch.autocast(device.type, dtype=dtype))
-    state = model.init_state(args.rows, device)
-    times = []
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(4, cfg.vocab_size, (args.rows, args.seq_len + 1), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            out = model(ids[:, :-1], state)
-        loss = next_token_loss(out.logits, ids[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state = out.state.detach()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
+    times = step_seconds(model, optimizer, args.rows, args.seq_len, args.warmup + args.steps, device,
+                         autocast)[args.warmup:]
     seconds = sorted(times)[len(times) // 2]
     tokens_per_s = args.rows * args.seq_len / seconds
     peak = peak_tflops(args.peak_tflops, device)

@@ -47,9 +47,9 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import bench_generate  # noqa: E402
 import bench_ops  # noqa: E402
+import bench_train  # noqa: E402
 from pretrain.train import apply_compile  # noqa: E402
 from zarvan_dist.models import ModelConfig, build_model  # noqa: E402
-from zarvan_dist.training.evaluate import next_token_loss  # noqa: E402
 from zarvan_dist.training.metrics import peak_tflops  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "models"
@@ -105,11 +105,6 @@ def build(arch: str, size: str, context: int, device: torch.device) -> nn.Module
     return build_model(ModelConfig.from_yaml(CONFIGS / f"{arch}-{size}.yaml")).to(device)
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def train_step(arch: str, context: int, compiled: bool, args: argparse.Namespace,
                device: torch.device) -> dict[str, object]:
     """Median seconds of one training step and the figures derived from it."""
@@ -120,36 +115,12 @@ def train_step(arch: str, context: int, compiled: bool, args: argparse.Namespace
         torch._dynamo.reset()
         apply_compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-    stateful = arch != "sdpa-gpt"
-    state = model.init_state(rows, device) if stateful else None
-    vocab = model.config.vocab_size
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, first = [], 0.0
-    for step in range(args.warmup + args.steps):
-        ids = torch.randint(4, vocab, (rows, context + 1), device=device)
-        synchronize(device)
-        start = time.perf_counter()
-        with autocast:
-            if stateful:
-                out = model(ids[:, :-1], state)
-                logits, state = out.logits, out.state.detach()
-            else:
-                logits = model(ids[:, :-1])
-        loss = next_token_loss(logits, ids[:, 1:])
-        del logits
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        synchronize(device)
-        seconds = time.perf_counter() - start
-        if step == 0:
-            first = seconds
-        if step >= args.warmup:
-            times.append(seconds)
+    every = bench_train.step_seconds(model, optimizer, rows, context, args.warmup + args.steps, device,
+                                     torch.autocast(device.type, dtype=torch.bfloat16))
+    first, times = every[0], every[args.warmup:]
     seconds = sorted(times)[len(times) // 2]
     tokens_per_s = rows * context / seconds
     peak = peak_tflops(None, device)
