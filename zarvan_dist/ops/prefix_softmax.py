@@ -19,13 +19,28 @@ spread overflows, underflows to 0/0 or cancels: the result is the token-by-token
 O(T) work (``zarvan_dist.ops.scan.linear_scan``). ``M`` only picks the reference point of n and
 d; the result does not depend on it, so it carries no gradient, and the scores' gradient flows
 through ``exp(s - M)``. ``zarvan_dist.ops.naive.naive_prefix_softmax_pool`` is the reference.
+
+Two forms compute it. Eager calls longer than a chunk take the chunked form (``zarvan_dist.ops.chunked``):
+every chunk of 16 tokens shares one reference max R (its max and the carried one), its terms
+``exp(s - R + 40)`` summed by one mask matmul, the chunk totals carried across chunks with the exact
+pairwise gates ``exp(M_j - M_i)``; about 40 calls forward and as many backward, whatever T. Its one
+limit is float32's range: a token whose running max lies more than ~90 below its chunk's R (the
+max jumped by that much within 16 tokens) would lose its terms, so every call checks that each
+denominator stays above e^-50 and, where one does not (or anything is not finite), computes that call
+with the blocked linear scan instead, which is exact at any spread. Under torch.compile (and for
+short calls) the blocked scan is the form: the compiler fuses it into a few kernels.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from zarvan_dist.ops.chunked import CHUNK, chunk_layout, chunk_mask, decayed_sums, running_max_by_document
 from zarvan_dist.ops.scan import DEFAULT_BLOCK, linear_scan, running_max
 
 EMPTY_MAX = -1e30
@@ -51,8 +66,13 @@ def pool_arguments(scores: Tensor, values: Tensor, initial_state: tuple[Tensor, 
         raise ValueError(f"scores {tuple(scores.shape)} do not match values {tuple(values.shape)}")
     if initial_state is None:
         initial_state = empty_softmax_state(batch, score_dim, width, values.device)
-    m0, n0, d0 = (x.float() for x in initial_state)
+    m0, n0, d0 = (as_float32(x) for x in initial_state)
     return score_dim, (m0, n0, d0)
+
+
+def as_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 (itself when it is already)."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def prefix_softmax_pool(
@@ -80,21 +100,212 @@ def prefix_softmax_pool(
     score_dim, (m0, n0, d0) = pool_arguments(scores, values, initial_state)
     if length == 0:
         return values.float(), (m0, n0, d0)
+    s, x = as_float32(scores), as_float32(values)
+    r = reset if reset is None or (reset.dtype == torch.bool and reset.device == x.device) else \
+        reset.to(device=x.device, dtype=torch.bool)
+    if length > CHUNK and not torch.compiler.is_compiling():
+        chunked = _chunked_forward(s, x, m0, n0, d0, r)
+        if chunked is not None:
+            out, n, d = _ChunkedPool.apply(s, x, n0, d0, chunked)
+            return out, (chunked.final_max, n, d)
+    return _blocked_pool(s, x, m0, n0, d0, r, chunk_size)
 
-    s = scores.float()
-    r = reset.to(device=values.device, dtype=torch.bool) if reset is not None else None
+
+def _blocked_pool(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, r: Tensor | None, block: int
+                  ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The pool as linear scans (``scan.linear_scan``): exact at any spread, autograd through the scan."""
+    width, score_dim = x.shape[-1], s.shape[-1]
     with torch.no_grad():
-        m = running_max(s, m0, r, chunk_size)  # [B, T, S]
+        m = running_max(s, m0, r, block)  # [B, T, S]
         gate = torch.exp(torch.cat([m0[:, None], m[:, :-1]], 1) - m)
         if r is not None:
             gate = gate.masked_fill_(r[..., None], 0.0)
     w = torch.exp(s - m)
     # numerator and denominator share one scan and its gates
     if score_dim == width:
-        h = linear_scan(gate[:, :, None], torch.stack([w * values.float(), w], 2), torch.stack([n0, d0], 1), chunk_size)
+        h = linear_scan(gate[:, :, None], torch.stack([w * x, w], 2), torch.stack([n0, d0], 1), block)
         n, d = h.unbind(2)
     else:
-        h = linear_scan(gate, torch.cat([w * values.float(), w], -1), torch.cat([n0, d0], -1), chunk_size)
+        h = linear_scan(gate, torch.cat([w * x, w], -1), torch.cat([n0, d0], -1), block)
         n, d = h.split([width, score_dim], -1)
     # the state is contiguous, as the empty state is: a carried state keeps one layout (no recompiles)
     return n / d, (m[:, -1].contiguous(), n[:, -1].contiguous(), d[:, -1].contiguous())
+
+
+OFFSET = 40.0
+"""The chunked form's terms are exp(s - R + OFFSET), R the chunk's reference max: at most e^40."""
+
+SMALLEST_DENOMINATOR = math.exp(-50.0)
+"""Below this (relative to R - OFFSET) a denominator's own terms may have underflowed: use the scan."""
+
+LARGEST_VALUE = 1e12
+"""Above this |value| the chunked form's sums (terms up to e^40 |v|) could overflow: use the scan."""
+
+
+class _Pairs:
+    """Numerator and denominator side by side, so that both take one matmul and one decayed sum.
+
+    One score per channel (S == E): [..., 2, E]; one per position (S == 1): [..., 1, E + 1]. Either
+    way a per-score tensor [..., 1, S] broadcasts against them.
+    """
+
+    def __init__(self, width: int, score_dim: int):
+        self.width, self.per_channel = width, score_dim == width
+        self.shape = (2, width) if self.per_channel else (1, width + 1)
+
+    def join(self, numerator: Tensor, denominator: Tensor) -> Tensor:
+        """[B, E] and [B, S] -> [B, *shape]."""
+        if self.per_channel:
+            return torch.stack([numerator, denominator], 1)
+        return torch.cat([numerator, denominator], 1).unsqueeze(1)
+
+    def split(self, pairs: Tensor) -> tuple[Tensor, Tensor]:
+        """[..., *shape] -> numerator [..., E] and denominator [..., S] (views)."""
+        if self.per_channel:
+            return pairs.unbind(-2)
+        return pairs.select(-2, 0).split([self.width, 1], -1)
+
+
+@dataclass
+class _Chunked:
+    """The chunked forward's outputs, and what its backward needs besides the inputs and output.
+    Per-chunk tensors are [B, n, 1, S] (n chunks); R is the chunk's reference max minus OFFSET."""
+    out: Tensor | None   # [B, T, E], handed to the autograd function (which keeps it as its output)
+    final_max: Tensor    # [B, S]
+    final: tuple[Tensor, Tensor]  # n [B, E] and d [B, S], relative to final_max
+    denominator: Tensor  # [B, n, C, S], relative to R
+    reference: Tensor    # R
+    mask: Tensor         # [B n, C, C] which positions feed which inside a chunk
+    first: Tensor        # [B, n, C] float: positions that continue the state entering their chunk
+    into_chunk: Tensor   # exp(M_in - R): the entering state's factor (0 where nothing enters)
+    to_total: Tensor     # exp(R - M): a chunk's last-document total, relative to its running max M
+    from_initial: Tensor  # exp(m0 - M) where a chunk ends in the carried document, else 0
+    chunk_max: Tensor    # M, the running max at each chunk's end
+    chunk_doc: Tensor    # [B, n] document at each chunk's end
+    pairs: _Pairs
+
+
+def _chunked_forward(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, reset: Tensor | None
+                     ) -> _Chunked | None:
+    """The chunked form's forward (no autograd), or None where float32's range does not hold it."""
+    batch, length, width = x.shape
+    score_dim = s.shape[-1]
+    pairs = _Pairs(width, score_dim)
+    chunks, pad = chunk_layout(length)
+    inf = float("inf")
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        if pad:
+            s, x = F.pad(s, (0, 0, 0, pad), value=-inf), F.pad(x, (0, 0, 0, pad))
+            reset = F.pad(reset, (0, pad)) if reset is not None else None
+        s, x = s.view(batch, chunks, CHUNK, score_dim), x.view(batch, chunks, CHUNK, width)
+        # documents: numbered inside each chunk (resets so far), and across chunks at chunk ends
+        if reset is None:
+            doc = x.new_zeros(batch, chunks, CHUNK, dtype=torch.long)
+        else:
+            doc = reset.view(batch, chunks, CHUNK).cumsum(2)
+        first = doc == 0  # positions that continue the state entering their chunk
+        shut = first[:, :, :1].view(batch, chunks, 1, 1).logical_not()  # the chunk's first token does not
+        chunk_doc = doc[:, :, -1].cumsum(1)
+        top = s.amax(2, keepdim=True)
+        if reset is None:
+            last_top = top
+        else:
+            in_last = (doc == doc[:, :, -1:]).unsqueeze(-1)
+            last_top = s.masked_fill(~in_last, -inf).amax(2, keepdim=True)
+        m0 = m0.view(batch, 1, 1, score_dim)
+        chunk_max = running_max_by_document(last_top, chunk_doc, m0[:, 0])  # M at each chunk's end, exact
+        max_in = torch.cat([m0, chunk_max[:, :-1]], 1)
+        ref = torch.maximum(top, max_in.masked_fill(shut, -inf)).sub_(OFFSET)
+        # the terms (w v, w), w = exp(s - R), written side by side; one matmul sums them per chunk
+        terms = x.new_empty((batch, chunks, CHUNK) + pairs.shape)
+        weighted, weights = pairs.split(terms)
+        torch.sub(s, ref, out=weights).exp_()
+        torch.mul(weights, x, out=weighted)
+        mask = chunk_mask(doc).view(-1, CHUNK, CHUNK)
+        full = torch.bmm(mask, terms.view(batch * chunks, CHUNK, -1)).view(terms.shape)
+        # each chunk's last-document total, relative to M there, summed across chunks
+        to_total = torch.sub(ref, chunk_max).exp_()
+        from_initial = torch.sub(m0, chunk_max).masked_fill_((chunk_doc != 0).view(batch, chunks, 1, 1), -inf).exp_()
+        initial = pairs.join(n0, d0).unsqueeze(1)
+        state = decayed_sums(full[:, :, -1] * to_total, chunk_max, chunk_doc).addcmul_(from_initial, initial)
+        into_chunk = torch.sub(max_in, ref).masked_fill_(shut, -inf).exp_()
+        entering = torch.cat([initial, state[:, :-1]], 1).mul_(into_chunk)
+        first = first.to(x.dtype)
+        full.addcmul_(first.view(batch, chunks, CHUNK, 1, 1), entering.unsqueeze(2))
+        numerator, denominator = pairs.split(full)
+        out = numerator / denominator
+        # one sync: the denominators stayed in range and no value can have overflowed a sum
+        lowest, smallest_value, largest_value = torch.stack([denominator.amin(), *torch.aminmax(x)]).tolist()
+        if not (lowest >= SMALLEST_DENOMINATOR and -LARGEST_VALUE <= smallest_value and largest_value <= LARGEST_VALUE):
+            return None
+        final = tuple(part.contiguous() for part in pairs.split(state[:, -1]))
+        return _Chunked(_unpad(out, length), chunk_max[:, -1, 0].contiguous(),
+                        final, denominator.contiguous(), ref, mask, first, into_chunk,
+                        to_total, from_initial, chunk_max, chunk_doc, pairs)
+
+
+class _ChunkedPool(torch.autograd.Function):
+    """Outputs and final (n, d) of ``_chunked_forward``; the backward is the same two stages reversed."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, x: Tensor, n0: Tensor, d0: Tensor, fwd: _Chunked):
+        out, fwd.out = fwd.out, None  # kept as an output below: the context must not hold it (a cycle)
+        ctx.fwd = fwd
+        ctx.save_for_backward(s, x, out)
+        ctx.set_materialize_grads(False)  # an output without gradient comes as None, not zeros
+        n, d = fwd.final
+        return out, n, d
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor | None, d_n: Tensor | None, d_d: Tensor | None):
+        fwd: _Chunked = ctx.fwd
+        s, x, out = ctx.saved_tensors
+        pairs = fwd.pairs
+        batch, length, width = x.shape
+        score_dim = s.shape[-1]
+        chunks, pad = chunk_layout(length)
+        shape = (batch, chunks, CHUNK)
+        with torch.autocast(x.device.type, enabled=False):
+            if d_out is None:
+                d_out = torch.zeros_like(out)
+            if pad:
+                s, x, out, d_out = (F.pad(t, (0, 0, 0, pad)) for t in (s, x, out, d_out))
+            s, x = s.view(shape + (score_dim,)), x.view(shape + (width,))
+            out, d_out = out.reshape(shape + (width,)), d_out.reshape(shape + (width,))
+            # gradient of each position's (numerator, denominator): (g / d, -g y / d)
+            grad = x.new_empty(shape + pairs.shape)
+            d_num, d_den = pairs.split(grad)
+            torch.div(d_out, fwd.denominator, out=d_num)
+            if pairs.per_channel:
+                torch.mul(d_num, out, out=d_den).neg_()
+            else:
+                torch.sum(d_num * out, -1, keepdim=True, out=d_den).neg_()
+            # into the state entering each chunk, then back through the sums across chunks
+            d_entering = torch.bmm(fwd.first.view(-1, 1, CHUNK), grad.view(batch * chunks, CHUNK, -1)).view(
+                (batch, chunks) + pairs.shape).mul_(fwd.into_chunk)
+            if d_n is None and d_d is None:  # the final state's gradient: none, or (d_n, d_d) after the last chunk
+                d_state = F.pad(d_entering[:, 1:], (0, 0, 0, 0, 0, 1))
+            else:
+                final = pairs.join(d_n if d_n is not None else x.new_zeros(batch, width),
+                                   d_d if d_d is not None else x.new_zeros(batch, score_dim))
+                d_state = torch.cat([d_entering[:, 1:], final.unsqueeze(1)], 1)
+            d_total = decayed_sums(d_state, fwd.chunk_max, fwd.chunk_doc, reverse=True)
+            grad[:, :, -1].addcmul_(fwd.to_total, d_total)
+            # back through the chunks' matmul and the terms (w v, w)
+            d_terms = torch.bmm(fwd.mask.mT, grad.view(batch * chunks, CHUNK, -1)).view(grad.shape)
+            d_num, d_den = pairs.split(d_terms)
+            weights = torch.sub(s, fwd.reference).exp_()
+            d_x = weights * d_num
+            d_weight = torch.addcmul(d_den, x, d_num) if pairs.per_channel else \
+                (x * d_num).sum(-1, keepdim=True).add_(d_den)
+            d_s = d_weight.mul_(weights)
+            d_n0 = d_d0 = None
+            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+                d_n0, d_d0 = pairs.split(d_entering[:, 0] + (fwd.from_initial * d_state).sum(1))
+        return _unpad(d_s, length), _unpad(d_x, length), d_n0, d_d0, None
+
+
+def _unpad(chunked: Tensor, length: int) -> Tensor:
+    """[B, n, C, F] -> [B, length, F]: the chunks' positions in order, the padding dropped."""
+    flat = chunked.view(chunked.shape[0], -1, chunked.shape[-1])
+    return flat[:, :length] if flat.shape[1] != length else flat

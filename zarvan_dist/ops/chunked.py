@@ -1,0 +1,122 @@
+"""Chunked segmented sums: the fast ops' recurrences in a few large calls instead of many small ones.
+
+The pool's numerator and denominator and ``prefix_sum`` are sums over each position's document
+prefix, with a decay from position j to position i (j <= i, same document)::
+
+    h_i = sum_j exp(level_j - level_i) v_j
+
+where ``level`` never decreases inside a document (the running max of the scores; none, i.e. a
+decay of 1, for a plain sum). They are computed in two stages, each a handful of calls:
+
+* inside chunks of ``CHUNK`` positions: one batched matmul with the chunk's [C, C] mask, lower
+  triangular and cut at document starts (``chunk_mask``), the terms scaled to one reference per
+  chunk by the caller;
+* across chunks: the chunk totals form the same kind of sum, ``CHUNK`` times shorter, which
+  ``decayed_sums`` solves in groups of ``GROUP`` with the exact pairwise decays (every factor
+  ``exp(level_j - level_i) <= 1``, so no score spread overflows), recursing on the groups' totals.
+
+Nothing is ever subtracted, so a sum after a huge document stays exact. The backward of each stage
+is the same stage transposed: the mask's transpose, ``decayed_sums(..., reverse=True)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHUNK = 64
+"""Positions per chunk of the first stage (a [32, 32] mask matmul per chunk)."""
+
+GROUP = 64
+"""Chunk totals per group of the second stage (32 x 32 pairwise decays per group)."""
+
+
+def chunk_layout(length: int) -> tuple[int, int]:
+    """(number of chunks, padding) for ``length`` positions."""
+    chunks = -(-length // CHUNK)
+    return chunks, chunks * CHUNK - length
+
+
+@functools.cache
+def _order(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """[size, size] masks of positions (i, j): j <= i as float, j > i and j < i as bool."""
+    after = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
+    return (~after).float(), after, after.mT.contiguous()
+
+
+def chunk_mask(doc: Tensor) -> Tensor:
+    """[..., C, C] float: 1 where position j feeds position i inside a chunk (j <= i, same document).
+
+    ``doc`` [..., C] is each position's document id (any numbering that is equal within a document)."""
+    size = doc.shape[-1]
+    return (doc.view(*doc.shape, 1) == doc.view(*doc.shape[:-1], 1, size)) * _order(size, doc.device)[0]
+
+
+def running_max_by_document(values: Tensor, doc: Tensor, initial: Tensor) -> Tensor:
+    """Running max of ``values`` [B, N, ...] along dim 1 from ``initial`` [B, ...], restarted where
+    the document id ``doc`` [B, N] (non-decreasing; ``initial`` is document 0) changes. Exact.
+
+    One ``cummax`` over int64 keys (document id, then the float's order-preserving bits): the key of
+    a later document beats every earlier one, so the maximum restarts there.
+    """
+    bits = torch.cat([initial.unsqueeze(1), values], 1).view(torch.int32).long()
+    docs = (F.pad(doc, (1, 0)) << 32).view(doc.shape[0], -1, *([1] * (values.dim() - 2)))
+    keys = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # a signed order equal to the floats'
+    top = (keys + docs).cummax(1).values - docs
+    return torch.where(top < 0, top ^ 0x7FFFFFFF, top).int().view(torch.float32)[:, 1:]
+
+
+def _pairwise(values: Tensor, levels: Tensor, doc: Tensor, reverse: bool) -> Tensor:
+    """``decayed_sums`` of short sequences, directly: values [M, G, R, V], levels [M, G, 1, K]
+    (K = 1 or V), doc [M, G]."""
+    rows, size = doc.shape
+    blocked = (doc.view(rows, size, 1) != doc.view(rows, 1, size)) | _order(size, doc.device)[2 if reverse else 1]
+    gap = levels.unsqueeze(2) - levels.unsqueeze(1) if reverse else levels.unsqueeze(1) - levels.unsqueeze(2)
+    # [M, i, j, 1, K]: exp(level_j - level_i) for j <= i (exp(level_i - level_j) for j >= i), never above 1
+    decay = gap.masked_fill_(blocked.view(rows, size, size, 1, 1), float("-inf")).exp_()
+    if levels.shape[-1] == 1:  # one level per position: a matmul
+        return torch.bmm(decay.view(rows, size, size), values.view(rows, size, -1)).view(values.shape)
+    return (decay * values.unsqueeze(1)).sum(2)
+
+
+def decayed_sums(values: Tensor, levels: Tensor, doc: Tensor, reverse: bool = False) -> Tensor:
+    """``h_i = sum_{j <= i, doc_j == doc_i} exp(levels_j - levels_i) values_j`` along dim 1.
+
+    Args:
+        values: [B, N, R, V].
+        levels: [B, N, 1, K], one level per position (K = 1) or per last-dim channel (K = V),
+            non-decreasing along dim 1 inside a document.
+        doc: [B, N] int64 document ids, non-decreasing.
+        reverse: the transpose (the backward): ``h_j = sum_{i >= j, doc_i == doc_j} exp(levels_j - levels_i) values_i``.
+
+    Returns:
+        h [B, N, R, V].
+    """
+    batch, length = values.shape[:2]
+    if length <= GROUP:
+        return _pairwise(values, levels, doc, reverse)
+    groups = -(-length // GROUP)
+    pad = groups * GROUP - length
+    if pad:  # padding continues the last document, adds nothing and keeps the last level
+        values = torch.cat([values, values.new_zeros((batch, pad) + values.shape[2:])], 1)
+        levels = torch.cat([levels, levels[:, -1:].expand((batch, pad) + levels.shape[2:])], 1)
+        doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], 1)
+    grouped = (batch, groups, GROUP)
+    levels, doc = levels.reshape(grouped + levels.shape[2:]), doc.view(grouped)
+    local = _pairwise(values.reshape((-1, GROUP) + values.shape[2:]), levels.flatten(0, 1), doc.flatten(0, 1),
+                      reverse).view(grouped + values.shape[2:])
+    # the groups' edge positions (last ones; first ones when reversed) form the same sum GROUP times
+    # shorter; each group then takes in the full sum at its neighbour's edge, decayed to each of its
+    # positions of that document
+    edge = 0 if reverse else -1
+    edges = decayed_sums(local[:, :, edge], levels[:, :, edge], doc[:, :, edge], reverse)
+    source, target = (slice(1, None), slice(None, -1)) if reverse else (slice(None, -1), slice(1, None))
+    source_level = levels[:, source, edge].unsqueeze(2)
+    gap = levels[:, target] - source_level if reverse else source_level - levels[:, target]
+    other = (doc[:, target] != doc[:, source, edge].unsqueeze(2)).view(gap.shape[:3] + (1,) * (levels.dim() - 3))
+    local[:, target].addcmul_(gap.masked_fill_(other, float("-inf")).exp_(), edges[:, source].unsqueeze(2))
+    local = local.view((batch, groups * GROUP) + values.shape[2:])
+    return local[:, :length] if pad else local
