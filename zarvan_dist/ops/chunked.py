@@ -22,16 +22,17 @@ is the same stage transposed: the mask's transpose, ``decayed_sums(..., reverse=
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK = 64
-"""Positions per chunk of the first stage (a [32, 32] mask matmul per chunk)."""
+"""Positions per chunk of the first stage (a [64, 64] mask matmul per chunk)."""
 
 GROUP = 64
-"""Chunk totals per group of the second stage (32 x 32 pairwise decays per group)."""
+"""Chunk totals per group of the second stage (64 x 64 pairwise decays per group)."""
 
 
 def chunk_layout(length: int) -> tuple[int, int]:
@@ -53,6 +54,96 @@ def chunk_mask(doc: Tensor) -> Tensor:
     ``doc`` [..., C] is each position's document id (any numbering that is equal within a document)."""
     size = doc.shape[-1]
     return (doc.view(*doc.shape, 1) == doc.view(*doc.shape[:-1], 1, size)) * _order(size, doc.device)[0]
+
+
+@dataclass
+class Chunks:
+    """A [B, T] window cut into n chunks of C positions, and its documents: what both stages need."""
+    length: int
+    doc: Tensor        # [B, n, C] int64: resets so far inside the chunk (0: the state entering the chunk)
+    first: Tensor      # [B, n, C] float: 1 where a position continues the state entering its chunk
+    chunk_doc: Tensor  # [B, n] int64: document at each chunk's end (resets so far in the window)
+    mask: Tensor       # [B n, C, C] float: ``chunk_mask`` of each chunk
+
+    @classmethod
+    def cut(cls, reset: Tensor | None, batch: int, length: int, device: torch.device) -> Chunks:
+        chunks, pad = chunk_layout(length)
+        if reset is None:
+            doc = torch.zeros(batch, chunks, CHUNK, dtype=torch.long, device=device)
+        else:
+            doc = (F.pad(reset, (0, pad)) if pad else reset).view(batch, chunks, CHUNK).cumsum(2)
+        return cls(length, doc, (doc == 0).float(), doc[:, :, -1].cumsum(1), chunk_mask(doc).view(-1, CHUNK, CHUNK))
+
+    def split(self, x: Tensor, fill: float = 0.0) -> Tensor:
+        """[B, T, F] -> [B, n, C, F], the padding after the end set to ``fill``."""
+        batch, chunks, size = self.doc.shape
+        pad = chunks * size - self.length
+        return (F.pad(x, (0, 0, 0, pad), value=fill) if pad else x).view(batch, chunks, size, x.shape[-1])
+
+    def join(self, x: Tensor) -> Tensor:
+        """[B, n, C, F] -> [B, T, F]: the chunks' positions in order, the padding dropped."""
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        return flat[:, :self.length] if flat.shape[1] != self.length else flat
+
+
+@dataclass
+class Carry:
+    """The second stage's factors, each [B, n, 1, K] (K = 1, or one per last-dim channel).
+
+    A plain segmented sum has levels 0 and every factor 1 (None)."""
+    levels: Tensor                # non-decreasing inside a document: the decay i <- j is exp(level_j - level_i)
+    from_initial: Tensor          # initial state -> the state at each chunk's end (0 outside document 0)
+    to_total: Tensor | None = None    # a chunk's sum at its last position -> that chunk's total
+    into_chunk: Tensor | None = None  # the state entering a chunk -> its positions
+
+
+def scan_chunks(terms: Tensor, chunks: Chunks, carry: Carry, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """Each position's sum over its document prefix, both stages.
+
+    Args:
+        terms: [B, n, C, R, V].
+        initial: [B, 1, R, V], the state before the window (document 0).
+
+    Returns:
+        sums [B, n, C, R, V] and the state at each chunk's end [B, n, R, V] (the last one: the window's).
+    """
+    batch, count, size = terms.shape[:3]
+    sums = torch.bmm(chunks.mask, terms.view(batch * count, size, -1)).view(terms.shape)
+    totals = sums[:, :, -1] if carry.to_total is None else sums[:, :, -1] * carry.to_total
+    state = decayed_sums(totals, carry.levels, chunks.chunk_doc).addcmul_(carry.from_initial, initial)
+    entering = torch.cat([initial, state[:, :-1]], 1)
+    if carry.into_chunk is not None:
+        entering.mul_(carry.into_chunk)
+    sums.addcmul_(chunks.first.view(batch, count, size, 1, 1), entering.unsqueeze(2))
+    return sums, state
+
+
+def scan_chunks_backward(grad: Tensor, final_grad: Tensor | None, chunks: Chunks, carry: Carry,
+                         initial_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """The transpose of ``scan_chunks``: gradients of its terms and initial state.
+
+    Args:
+        grad: [B, n, C, R, V], the sums' gradient (overwritten).
+        final_grad: [B, R, V] of the window's final state, or None.
+        initial_grad: whether to return the initial state's gradient [B, R, V] (else None).
+    """
+    batch, count, size = grad.shape[:3]
+    d_entering = torch.bmm(chunks.first.view(-1, 1, size), grad.view(batch * count, size, -1)).view(
+        (batch, count) + grad.shape[3:])
+    if carry.into_chunk is not None:
+        d_entering.mul_(carry.into_chunk)
+    if final_grad is None:
+        d_state = F.pad(d_entering[:, 1:], (0, 0, 0, 0, 0, 1))
+    else:
+        d_state = torch.cat([d_entering[:, 1:], final_grad.unsqueeze(1)], 1)
+    d_totals = decayed_sums(d_state, carry.levels, chunks.chunk_doc, reverse=True)
+    if carry.to_total is None:
+        grad[:, :, -1] += d_totals
+    else:
+        grad[:, :, -1].addcmul_(carry.to_total, d_totals)
+    d_terms = torch.bmm(chunks.mask.mT, grad.view(batch * count, size, -1)).view(grad.shape)
+    d_initial = d_entering[:, 0] + (carry.from_initial * d_state).sum(1) if initial_grad else None
+    return d_terms, d_initial
 
 
 def running_max_by_document(values: Tensor, doc: Tensor, initial: Tensor) -> Tensor:

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from zarvan_dist.ops.chunked import CHUNK, chunk_layout, chunk_mask, decayed_sums, running_max_by_document
+from zarvan_dist.ops import chunked
+from zarvan_dist.ops.chunked import Carry, Chunks, running_max_by_document, scan_chunks, scan_chunks_backward
 from zarvan_dist.ops.scan import DEFAULT_BLOCK, linear_scan, running_max
 
 EMPTY_MAX = -1e30
@@ -103,11 +104,11 @@ def prefix_softmax_pool(
     s, x = as_float32(scores), as_float32(values)
     r = reset if reset is None or (reset.dtype == torch.bool and reset.device == x.device) else \
         reset.to(device=x.device, dtype=torch.bool)
-    if length > CHUNK and not torch.compiler.is_compiling():
-        chunked = _chunked_forward(s, x, m0, n0, d0, r)
-        if chunked is not None:
-            out, n, d = _ChunkedPool.apply(s, x, n0, d0, chunked)
-            return out, (chunked.final_max, n, d)
+    if length > chunked.CHUNK and not torch.compiler.is_compiling():
+        fwd = _chunked_forward(s, x, m0, n0, d0, r)
+        if fwd is not None:
+            out, n, d = _ChunkedPool.apply(s, x, n0, d0, fwd)
+            return out, (fwd.final_max, n, d)
     return _blocked_pool(s, x, m0, n0, d0, r, chunk_size)
 
 
@@ -175,13 +176,8 @@ class _Chunked:
     final: tuple[Tensor, Tensor]  # n [B, E] and d [B, S], relative to final_max
     denominator: Tensor  # [B, n, C, S], relative to R
     reference: Tensor    # R
-    mask: Tensor         # [B n, C, C] which positions feed which inside a chunk
-    first: Tensor        # [B, n, C] float: positions that continue the state entering their chunk
-    into_chunk: Tensor   # exp(M_in - R): the entering state's factor (0 where nothing enters)
-    to_total: Tensor     # exp(R - M): a chunk's last-document total, relative to its running max M
-    from_initial: Tensor  # exp(m0 - M) where a chunk ends in the carried document, else 0
-    chunk_max: Tensor    # M, the running max at each chunk's end
-    chunk_doc: Tensor    # [B, n] document at each chunk's end
+    chunks: Chunks
+    carry: Carry         # levels: the running max M at chunk ends
     pairs: _Pairs
 
 
@@ -191,47 +187,34 @@ def _chunked_forward(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, r
     batch, length, width = x.shape
     score_dim = s.shape[-1]
     pairs = _Pairs(width, score_dim)
-    chunks, pad = chunk_layout(length)
     inf = float("inf")
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        if pad:
-            s, x = F.pad(s, (0, 0, 0, pad), value=-inf), F.pad(x, (0, 0, 0, pad))
-            reset = F.pad(reset, (0, pad)) if reset is not None else None
-        s, x = s.view(batch, chunks, CHUNK, score_dim), x.view(batch, chunks, CHUNK, width)
-        # documents: numbered inside each chunk (resets so far), and across chunks at chunk ends
-        if reset is None:
-            doc = x.new_zeros(batch, chunks, CHUNK, dtype=torch.long)
-        else:
-            doc = reset.view(batch, chunks, CHUNK).cumsum(2)
-        first = doc == 0  # positions that continue the state entering their chunk
-        shut = first[:, :, :1].view(batch, chunks, 1, 1).logical_not()  # the chunk's first token does not
-        chunk_doc = doc[:, :, -1].cumsum(1)
+        chunks = Chunks.cut(reset, batch, length, x.device)
+        s, x = chunks.split(s, -inf), chunks.split(x)
+        count = s.shape[1]
+        shut = (chunks.doc[:, :, :1] != 0).view(batch, count, 1, 1)  # the chunk's first token starts a document
+        # R: the max of each chunk and of the state entering it; M: the running max at chunk ends (exact)
         top = s.amax(2, keepdim=True)
         if reset is None:
             last_top = top
         else:
-            in_last = (doc == doc[:, :, -1:]).unsqueeze(-1)
+            in_last = (chunks.doc == chunks.doc[:, :, -1:]).unsqueeze(-1)
             last_top = s.masked_fill(~in_last, -inf).amax(2, keepdim=True)
         m0 = m0.view(batch, 1, 1, score_dim)
-        chunk_max = running_max_by_document(last_top, chunk_doc, m0[:, 0])  # M at each chunk's end, exact
+        chunk_max = running_max_by_document(last_top, chunks.chunk_doc, m0[:, 0])
         max_in = torch.cat([m0, chunk_max[:, :-1]], 1)
         ref = torch.maximum(top, max_in.masked_fill(shut, -inf)).sub_(OFFSET)
-        # the terms (w v, w), w = exp(s - R), written side by side; one matmul sums them per chunk
-        terms = x.new_empty((batch, chunks, CHUNK) + pairs.shape)
+        # the terms (w v, w), w = exp(s - R), written side by side
+        terms = x.new_empty(s.shape[:3] + pairs.shape)
         weighted, weights = pairs.split(terms)
         torch.sub(s, ref, out=weights).exp_()
         torch.mul(weights, x, out=weighted)
-        mask = chunk_mask(doc).view(-1, CHUNK, CHUNK)
-        full = torch.bmm(mask, terms.view(batch * chunks, CHUNK, -1)).view(terms.shape)
-        # each chunk's last-document total, relative to M there, summed across chunks
-        to_total = torch.sub(ref, chunk_max).exp_()
-        from_initial = torch.sub(m0, chunk_max).masked_fill_((chunk_doc != 0).view(batch, chunks, 1, 1), -inf).exp_()
-        initial = pairs.join(n0, d0).unsqueeze(1)
-        state = decayed_sums(full[:, :, -1] * to_total, chunk_max, chunk_doc).addcmul_(from_initial, initial)
-        into_chunk = torch.sub(max_in, ref).masked_fill_(shut, -inf).exp_()
-        entering = torch.cat([initial, state[:, :-1]], 1).mul_(into_chunk)
-        first = first.to(x.dtype)
-        full.addcmul_(first.view(batch, chunks, CHUNK, 1, 1), entering.unsqueeze(2))
+        in_first_doc = (chunks.chunk_doc != 0).view(batch, count, 1, 1)
+        carry = Carry(levels=chunk_max,
+                      from_initial=torch.sub(m0, chunk_max).masked_fill_(in_first_doc, -inf).exp_(),
+                      to_total=torch.sub(ref, chunk_max).exp_(),
+                      into_chunk=torch.sub(max_in, ref).masked_fill_(shut, -inf).exp_())
+        full, state = scan_chunks(terms, chunks, carry, pairs.join(n0, d0).unsqueeze(1))
         numerator, denominator = pairs.split(full)
         out = numerator / denominator
         # one sync: the denominators stayed in range and no value can have overflowed a sum
@@ -239,13 +222,12 @@ def _chunked_forward(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, r
         if not (lowest >= SMALLEST_DENOMINATOR and -LARGEST_VALUE <= smallest_value and largest_value <= LARGEST_VALUE):
             return None
         final = tuple(part.contiguous() for part in pairs.split(state[:, -1]))
-        return _Chunked(_unpad(out, length), chunk_max[:, -1, 0].contiguous(),
-                        final, denominator.contiguous(), ref, mask, first, into_chunk,
-                        to_total, from_initial, chunk_max, chunk_doc, pairs)
+        return _Chunked(chunks.join(out), chunk_max[:, -1, 0].contiguous(), final, denominator.contiguous(), ref,
+                        chunks, carry, pairs)
 
 
 class _ChunkedPool(torch.autograd.Function):
-    """Outputs and final (n, d) of ``_chunked_forward``; the backward is the same two stages reversed."""
+    """Outputs and final (n, d) of ``_chunked_forward``; the backward is the two stages transposed."""
 
     @staticmethod
     def forward(ctx, s: Tensor, x: Tensor, n0: Tensor, d0: Tensor, fwd: _Chunked):
@@ -260,52 +242,30 @@ class _ChunkedPool(torch.autograd.Function):
     def backward(ctx, d_out: Tensor | None, d_n: Tensor | None, d_d: Tensor | None):
         fwd: _Chunked = ctx.fwd
         s, x, out = ctx.saved_tensors
-        pairs = fwd.pairs
-        batch, length, width = x.shape
-        score_dim = s.shape[-1]
-        chunks, pad = chunk_layout(length)
-        shape = (batch, chunks, CHUNK)
+        pairs, chunks = fwd.pairs, fwd.chunks
         with torch.autocast(x.device.type, enabled=False):
-            if d_out is None:
-                d_out = torch.zeros_like(out)
-            if pad:
-                s, x, out, d_out = (F.pad(t, (0, 0, 0, pad)) for t in (s, x, out, d_out))
-            s, x = s.view(shape + (score_dim,)), x.view(shape + (width,))
-            out, d_out = out.reshape(shape + (width,)), d_out.reshape(shape + (width,))
+            s, x, out = chunks.split(s), chunks.split(x), chunks.split(out)
+            d_out = chunks.split(d_out) if d_out is not None else torch.zeros_like(out)
             # gradient of each position's (numerator, denominator): (g / d, -g y / d)
-            grad = x.new_empty(shape + pairs.shape)
+            grad = x.new_empty(x.shape[:3] + pairs.shape)
             d_num, d_den = pairs.split(grad)
             torch.div(d_out, fwd.denominator, out=d_num)
             if pairs.per_channel:
                 torch.mul(d_num, out, out=d_den).neg_()
             else:
                 torch.sum(d_num * out, -1, keepdim=True, out=d_den).neg_()
-            # into the state entering each chunk, then back through the sums across chunks
-            d_entering = torch.bmm(fwd.first.view(-1, 1, CHUNK), grad.view(batch * chunks, CHUNK, -1)).view(
-                (batch, chunks) + pairs.shape).mul_(fwd.into_chunk)
-            if d_n is None and d_d is None:  # the final state's gradient: none, or (d_n, d_d) after the last chunk
-                d_state = F.pad(d_entering[:, 1:], (0, 0, 0, 0, 0, 1))
-            else:
-                final = pairs.join(d_n if d_n is not None else x.new_zeros(batch, width),
-                                   d_d if d_d is not None else x.new_zeros(batch, score_dim))
-                d_state = torch.cat([d_entering[:, 1:], final.unsqueeze(1)], 1)
-            d_total = decayed_sums(d_state, fwd.chunk_max, fwd.chunk_doc, reverse=True)
-            grad[:, :, -1].addcmul_(fwd.to_total, d_total)
-            # back through the chunks' matmul and the terms (w v, w)
-            d_terms = torch.bmm(fwd.mask.mT, grad.view(batch * chunks, CHUNK, -1)).view(grad.shape)
+            final = None
+            if d_n is not None or d_d is not None:
+                final = pairs.join(d_n if d_n is not None else torch.zeros_like(fwd.final[0]),
+                                   d_d if d_d is not None else torch.zeros_like(fwd.final[1]))
+            d_terms, d_initial = scan_chunks_backward(grad, final, chunks, fwd.carry,
+                                                      ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
+            # back through the terms (w v, w)
             d_num, d_den = pairs.split(d_terms)
             weights = torch.sub(s, fwd.reference).exp_()
             d_x = weights * d_num
             d_weight = torch.addcmul(d_den, x, d_num) if pairs.per_channel else \
                 (x * d_num).sum(-1, keepdim=True).add_(d_den)
             d_s = d_weight.mul_(weights)
-            d_n0 = d_d0 = None
-            if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-                d_n0, d_d0 = pairs.split(d_entering[:, 0] + (fwd.from_initial * d_state).sum(1))
-        return _unpad(d_s, length), _unpad(d_x, length), d_n0, d_d0, None
-
-
-def _unpad(chunked: Tensor, length: int) -> Tensor:
-    """[B, n, C, F] -> [B, length, F]: the chunks' positions in order, the padding dropped."""
-    flat = chunked.view(chunked.shape[0], -1, chunked.shape[-1])
-    return flat[:, :length] if flat.shape[1] != length else flat
+            d_n0, d_d0 = pairs.split(d_initial) if d_initial is not None else (None, None)
+        return chunks.join(d_s), chunks.join(d_x), d_n0, d_d0, None
