@@ -74,11 +74,16 @@ class Chunks:
             doc = (F.pad(reset, (0, pad)) if pad else reset).view(batch, chunks, CHUNK).cumsum(2)
         return cls(length, doc, (doc == 0).float(), doc[:, :, -1].cumsum(1), chunk_mask(doc).view(-1, CHUNK, CHUNK))
 
-    def split(self, x: Tensor, fill: float = 0.0) -> Tensor:
-        """[B, T, F] -> [B, n, C, F], the padding after the end set to ``fill``."""
+    def split(self, x: Tensor, fill: float = 0.0, copy: bool = False) -> Tensor:
+        """[B, T, F] -> [B, n, C, F], the padding after the end set to ``fill``; a view of ``x`` where
+        there is no padding, unless ``copy``."""
         batch, chunks, size = self.doc.shape
         pad = chunks * size - self.length
-        return (F.pad(x, (0, 0, 0, pad), value=fill) if pad else x).view(batch, chunks, size, x.shape[-1])
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad), value=fill)
+        elif copy:
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x.reshape(batch, chunks, size, x.shape[-1])
 
     def join(self, x: Tensor) -> Tensor:
         """[B, n, C, F] -> [B, T, F]: the chunks' positions in order, the padding dropped."""

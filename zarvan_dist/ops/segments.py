@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from zarvan_dist.ops import chunked
+from zarvan_dist.ops.chunked import Carry, Chunks, scan_chunks, scan_chunks_backward
 from zarvan_dist.ops.scan import linear_scan
 
 
@@ -41,8 +43,10 @@ def segment_positions(start: Tensor, reset: Tensor | None, length: int) -> tuple
 def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Running sum over each position's prefix, restarted at resets.
 
-    A linear scan with gate 0 at a reset and 1 elsewhere (``zarvan_dist.ops.scan``): exact, no
-    sum before a document start is ever subtracted (``naive.naive_prefix_sum`` is the reference).
+    Exact: no sum before a document start is ever subtracted (``naive.naive_prefix_sum``, the
+    reference, subtracts it). Eager calls longer than a chunk take the chunked form (``ops.chunked``:
+    one mask matmul per chunk, the chunk totals carried across chunks); compiled and short calls a
+    linear scan with gate 0 at a reset and 1 elsewhere (``ops.scan``), which the compiler fuses.
 
     Args:
         x: [B, T, E].
@@ -55,11 +59,41 @@ def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | N
     """
     x = x.float()
     initial = initial_state.float() if initial_state is not None else x.new_zeros(x.shape[0], x.shape[2])
-    if x.shape[1] == 0:
+    batch, length, width = x.shape
+    if length == 0:
         return x, initial
-    if reset is None:
-        gate = x.new_ones(x.shape[0], x.shape[1], 1)
-    else:
-        gate = (~reset.to(device=x.device, dtype=torch.bool))[..., None].float()
+    reset = reset.to(device=x.device, dtype=torch.bool) if reset is not None else None
+    if length > chunked.CHUNK and not torch.compiler.is_compiling():
+        chunks = Chunks.cut(reset, batch, length, x.device)
+        levels = x.new_zeros(chunks.chunk_doc.shape + (1, 1))
+        carry = Carry(levels, from_initial=(chunks.chunk_doc == 0).to(x.dtype).view(levels.shape))
+        return _ChunkedSum.apply(x, initial, chunks, carry)
+    gate = x.new_ones(batch, length, 1) if reset is None else (~reset)[..., None].float()
     total = linear_scan(gate, x, initial)
     return total, total[:, -1].contiguous()
+
+
+class _ChunkedSum(torch.autograd.Function):
+    """``prefix_sum`` by ``chunked.scan_chunks``; the backward is its transpose."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, initial: Tensor, chunks: Chunks, carry: Carry):
+        batch, length, width = x.shape
+        ctx.chunks, ctx.carry = chunks, carry
+        ctx.set_materialize_grads(False)
+        with torch.autocast(x.device.type, enabled=False):
+            sums, state = scan_chunks(chunks.split(x).unsqueeze(3), chunks, carry, initial.view(batch, 1, 1, width))
+        return chunks.join(sums.squeeze(3)), state[:, -1, 0].contiguous()
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor | None, d_final: Tensor | None):
+        chunks, carry = ctx.chunks, ctx.carry
+        batch, count, size = chunks.doc.shape
+        with torch.autocast(chunks.mask.device.type, enabled=False):
+            if d_out is None:
+                grad = chunks.mask.new_zeros(batch, count, size, 1, d_final.shape[-1])
+            else:
+                grad = chunks.split(d_out, copy=True).unsqueeze(3)
+            d_terms, d_initial = scan_chunks_backward(
+                grad, d_final.unsqueeze(1) if d_final is not None else None, chunks, carry, ctx.needs_input_grad[1])
+        return chunks.join(d_terms.squeeze(3)), d_initial.squeeze(1) if d_initial is not None else None, None, None
