@@ -33,8 +33,8 @@ class ModelConfig:
     causal: bool = True
     """Causal language model (true) or the published bidirectional form (zarvan, zarvan_v1)."""
     chunk_size: int = 8
-    """Block length (>= 2) of the linear scans of the Zarvan pools (a speed knob; results do not
-    depend on it; 8 is the fastest on CPU)."""
+    """Block length (>= 2) of the linear scans of the Zarvan pools, the form compiled models and
+    short windows use (a speed knob; results do not depend on it; 8 is the fastest on CPU)."""
     seq_norm: float = 1024.0
     """Constant normaliser N of the running sums (zarvan sequential extractor, zarvan_v1 query)."""
     embedding: Literal["standard", "adaptive"] = "standard"

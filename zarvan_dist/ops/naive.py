@@ -2,9 +2,11 @@
 
 ``naive_prefix_softmax_pool`` is the online-softmax parallel scan (Hillis-Steele inside chunks,
 then over chunk totals); ``naive_prefix_sum`` is a cumulative sum with the sum before each
-document start subtracted. Both are exact at any score spread but cost O(T log C) work and many
-small calls (about 2,000 ATen calls forward + backward at [1, 4096, 768]), which is why the
-models use the blocked linear scans of ``prefix_softmax_pool`` and ``prefix_sum`` instead.
+document start subtracted (a small document after a huge one loses its digits). The pool is exact
+at any score spread but costs O(T log C) work and many small calls (about 2,000 ATen calls forward
++ backward at [1, 4096, 768]), which is why the models call ``prefix_softmax_pool`` and
+``prefix_sum`` instead (the chunked scans of ``ops.chunked`` eager, the linear scans of ``ops.scan``
+compiled).
 
 The parallel scan: the state of a prefix is the online-softmax triple (m, n, d): running max m,
 numerator n and denominator d taken relative to m. Merging two adjacent pieces is associative::

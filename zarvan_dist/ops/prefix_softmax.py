@@ -20,15 +20,21 @@ O(T) work (``zarvan_dist.ops.scan.linear_scan``). ``M`` only picks the reference
 d; the result does not depend on it, so it carries no gradient, and the scores' gradient flows
 through ``exp(s - M)``. ``zarvan_dist.ops.naive.naive_prefix_softmax_pool`` is the reference.
 
-Two forms compute it. Eager calls longer than a chunk take the chunked form (``zarvan_dist.ops.chunked``):
-every chunk of 16 tokens shares one reference max R (its max and the carried one), its terms
-``exp(s - R + 40)`` summed by one mask matmul, the chunk totals carried across chunks with the exact
-pairwise gates ``exp(M_j - M_i)``; about 40 calls forward and as many backward, whatever T. Its one
-limit is float32's range: a token whose running max lies more than ~90 below its chunk's R (the
-max jumped by that much within 16 tokens) would lose its terms, so every call checks that each
-denominator stays above e^-50 and, where one does not (or anything is not finite), computes that call
-with the blocked linear scan instead, which is exact at any spread. Under torch.compile (and for
-short calls) the blocked scan is the form: the compiler fuses it into a few kernels.
+Two forms compute it:
+
+* Eager calls longer than a chunk (64 tokens): the chunked form (``zarvan_dist.ops.chunked``).
+  Each chunk shares one reference R (its max and the max carried into it, less ``OFFSET``); its
+  terms ``(w v, w)``, ``w = exp(s - R)``, are summed by one mask matmul; the chunk totals are
+  carried across chunks with the exact pairwise gates ``exp(M_j - M_i)`` (M the running max at
+  chunk ends). Its backward is written out (``_ChunkedPool``). The calls do not grow with T up
+  to 64 x 64 tokens (a few more for each further factor 64): about 340 ATen events forward and
+  backward at [1, 4096, 768], against ~2,150 for the reference (``benchmarks/bench_ops.py``). Its one
+  limit is float32's range: a token whose running max lies ~90 or more below its chunk's R (the
+  max jumped that much inside the chunk) would lose its terms to underflow, and values above
+  ``LARGEST_VALUE`` could overflow a sum. Every call checks both (one host sync) and, where either
+  fails, computes that call with the blocked scan instead: exact at any spread.
+* Compiled, short and out-of-range calls: the blocked linear scan (``ops.scan``), which
+  torch.compile fuses into a few kernels.
 """
 
 from __future__ import annotations
@@ -37,7 +43,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from zarvan_dist.ops import chunked

@@ -1,4 +1,6 @@
-"""First-order linear recurrences along time, exact, in O(T) work: the engine of the fast ops.
+"""First-order linear recurrences along time, exact, in O(T) work: the fast ops' form under
+torch.compile (which fuses it), for short calls, and where the chunked form (``ops.chunked``)
+cannot hold a call in float32's range.
 
 ``linear_scan`` computes, for gates ``a`` and inputs ``b`` [B, T, ...]::
 
