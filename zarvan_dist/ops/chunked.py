@@ -32,7 +32,8 @@ CHUNK = 64
 """Positions per chunk of the first stage (a [64, 64] mask matmul per chunk)."""
 
 GROUP = 64
-"""Chunk totals per group of the second stage (64 x 64 pairwise decays per group)."""
+"""Chunk totals per group of the second stage (64 x 64 pairwise decays per group and channel;
+4 x as many with one level per position, where the decays are one small matmul)."""
 
 
 def chunk_layout(length: int) -> tuple[int, int]:
@@ -192,19 +193,20 @@ def decayed_sums(values: Tensor, levels: Tensor, doc: Tensor, reverse: bool = Fa
         h [B, N, R, V].
     """
     batch, length = values.shape[:2]
-    if length <= GROUP:
+    group = GROUP if levels.shape[-1] > 1 else 4 * GROUP  # one level per position: a cheap matmul
+    if length <= group:
         return _pairwise(values, levels, doc, reverse)
-    groups = -(-length // GROUP)
-    pad = groups * GROUP - length
+    groups = -(-length // group)
+    pad = groups * group - length
     if pad:  # padding continues the last document, adds nothing and keeps the last level
         values = torch.cat([values, values.new_zeros((batch, pad) + values.shape[2:])], 1)
         levels = torch.cat([levels, levels[:, -1:].expand((batch, pad) + levels.shape[2:])], 1)
         doc = torch.cat([doc, doc[:, -1:].expand(batch, pad)], 1)
-    grouped = (batch, groups, GROUP)
+    grouped = (batch, groups, group)
     levels, doc = levels.reshape(grouped + levels.shape[2:]), doc.view(grouped)
-    local = _pairwise(values.reshape((-1, GROUP) + values.shape[2:]), levels.flatten(0, 1), doc.flatten(0, 1),
+    local = _pairwise(values.reshape((-1, group) + values.shape[2:]), levels.flatten(0, 1), doc.flatten(0, 1),
                       reverse).view(grouped + values.shape[2:])
-    # the groups' edge positions (last ones; first ones when reversed) form the same sum GROUP times
+    # the groups' edge positions (last ones; first ones when reversed) form the same sum group times
     # shorter; each group then takes in the full sum at its neighbour's edge, decayed to each of its
     # positions of that document
     edge = 0 if reverse else -1
@@ -214,5 +216,5 @@ def decayed_sums(values: Tensor, levels: Tensor, doc: Tensor, reverse: bool = Fa
     gap = levels[:, target] - source_level if reverse else source_level - levels[:, target]
     other = (doc[:, target] != doc[:, source, edge].unsqueeze(2)).view(gap.shape[:3] + (1,) * (levels.dim() - 3))
     local[:, target].addcmul_(gap.masked_fill_(other, float("-inf")).exp_(), edges[:, source].unsqueeze(2))
-    local = local.view((batch, groups * GROUP) + values.shape[2:])
+    local = local.view((batch, groups * group) + values.shape[2:])
     return local[:, :length] if pad else local
