@@ -29,17 +29,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK = 64
-"""Positions per chunk of the first stage (a [64, 64] mask matmul per chunk)."""
+"""Positions per chunk of the first stage (a [64, 64] mask matmul per chunk), where every term has
+its own weight per channel; half as many where the terms' weights are one per position (there the
+mask matmul is most of the work, and the chunk totals cost little)."""
 
 GROUP = 64
 """Chunk totals per group of the second stage (64 x 64 pairwise decays per group and channel;
 4 x as many with one level per position, where the decays are one small matmul)."""
 
 
-def chunk_layout(length: int) -> tuple[int, int]:
-    """(number of chunks, padding) for ``length`` positions."""
-    chunks = -(-length // CHUNK)
-    return chunks, chunks * CHUNK - length
 
 
 @functools.cache
@@ -67,13 +65,15 @@ class Chunks:
     mask: Tensor       # [B n, C, C] float: ``chunk_mask`` of each chunk
 
     @classmethod
-    def cut(cls, reset: Tensor | None, batch: int, length: int, device: torch.device) -> Chunks:
-        chunks, pad = chunk_layout(length)
+    def cut(cls, reset: Tensor | None, batch: int, length: int, device: torch.device, size: int) -> Chunks:
+        """Chunks of ``size`` positions (the last one padded) of a window with document starts ``reset``."""
+        chunks = -(-length // size)
+        pad = chunks * size - length
         if reset is None:
-            doc = torch.zeros(batch, chunks, CHUNK, dtype=torch.long, device=device)
+            doc = torch.zeros(batch, chunks, size, dtype=torch.long, device=device)
         else:
-            doc = (F.pad(reset, (0, pad)) if pad else reset).view(batch, chunks, CHUNK).cumsum(2)
-        return cls(length, doc, (doc == 0).float(), doc[:, :, -1].cumsum(1), chunk_mask(doc).view(-1, CHUNK, CHUNK))
+            doc = (F.pad(reset, (0, pad)) if pad else reset).view(batch, chunks, size).cumsum(2)
+        return cls(length, doc, (doc == 0).float(), doc[:, :, -1].cumsum(1), chunk_mask(doc).view(-1, size, size))
 
     def split(self, x: Tensor, fill: float = 0.0, copy: bool = False) -> Tensor:
         """[B, T, F] -> [B, n, C, F], the padding after the end set to ``fill``; a view of ``x`` where

@@ -22,14 +22,15 @@ through ``exp(s - M)``. ``zarvan_dist.ops.naive.naive_prefix_softmax_pool`` is t
 
 Two forms compute it:
 
-* Eager calls longer than a chunk (64 tokens): the chunked form (``zarvan_dist.ops.chunked``).
-  Each chunk shares one reference R (its max and the max carried into it, less ``OFFSET``); its
-  terms ``(w v, w)``, ``w = exp(s - R)``, are summed by one mask matmul; the chunk totals are
-  carried across chunks with the exact pairwise gates ``exp(M_j - M_i)`` (M the running max at
-  chunk ends). Its backward is written out (``_ChunkedPool``). The calls do not grow with T up
-  to 64 x 64 tokens (a few more for each further factor 64): about 340 ATen events forward and
-  backward at [1, 4096, 768], against ~2,150 for the reference (``benchmarks/bench_ops.py``). Its one
-  limit is float32's range: a token whose running max lies ~90 or more below its chunk's R (the
+* Eager calls longer than a chunk (64 tokens; 32 with one score per position): the chunked form
+  (``zarvan_dist.ops.chunked``). Each chunk shares one reference R (its max and the max carried
+  into it, less ``OFFSET``); its terms ``(w v, w)``, ``w = exp(s - R)``, are summed by one mask
+  matmul; the chunk totals are carried across chunks with the exact pairwise gates
+  ``exp(M_j - M_i)`` (M the running max at chunk ends). Its backward is written out
+  (``_ChunkedPool``). The number of calls does not grow with T up to 64 chunks (4,096 tokens;
+  a few more for each further factor 64): about 340 ATen events forward and backward at
+  [1, 4096, 768], against ~2,150 for the reference (``benchmarks/bench_ops.py``). Its one limit
+  is float32's range: a token whose running max lies ~90 or more below its chunk's R (the
   max jumped that much inside the chunk) would lose its terms to underflow, and values above
   ``LARGEST_VALUE`` could overflow a sum. Every call checks both (one host sync) and, where either
   fails, computes that call with the blocked scan instead: exact at any spread.
@@ -109,8 +110,9 @@ def prefix_softmax_pool(
     s, x = as_float32(scores), as_float32(values)
     r = reset if reset is None or (reset.dtype == torch.bool and reset.device == x.device) else \
         reset.to(device=x.device, dtype=torch.bool)
-    if length > chunked.CHUNK and not torch.compiler.is_compiling():
-        fwd = _chunked_forward(s, x, m0, n0, d0, r)
+    size = chunked.CHUNK if score_dim == width else chunked.CHUNK // 2
+    if length > size and not torch.compiler.is_compiling():
+        fwd = _chunked_forward(s, x, m0, n0, d0, r, size)
         if fwd is not None:
             out, n, d = _ChunkedPool.apply(s, x, n0, d0, fwd)
             return out, (fwd.final_max, n, d)
@@ -186,15 +188,16 @@ class _Chunked:
     pairs: _Pairs
 
 
-def _chunked_forward(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, reset: Tensor | None
+def _chunked_forward(s: Tensor, x: Tensor, m0: Tensor, n0: Tensor, d0: Tensor, reset: Tensor | None, size: int
                      ) -> _Chunked | None:
-    """The chunked form's forward (no autograd), or None where float32's range does not hold it."""
+    """The chunked form's forward in chunks of ``size`` (no autograd), or None where float32's range
+    does not hold it."""
     batch, length, width = x.shape
     score_dim = s.shape[-1]
     pairs = _Pairs(width, score_dim)
     inf = float("inf")
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-        chunks = Chunks.cut(reset, batch, length, x.device)
+        chunks = Chunks.cut(reset, batch, length, x.device, size)
         s, x = chunks.split(s, -inf), chunks.split(x)
         count = s.shape[1]
         shut = (chunks.doc[:, :, :1] != 0).view(batch, count, 1, 1)  # the chunk's first token starts a document

@@ -63,8 +63,9 @@ def prefix_sum(x: Tensor, initial_state: Tensor | None = None, reset: Tensor | N
     if length == 0:
         return x, initial
     reset = reset.to(device=x.device, dtype=torch.bool) if reset is not None else None
-    if length > chunked.CHUNK and not torch.compiler.is_compiling():
-        chunks = Chunks.cut(reset, batch, length, x.device)
+    size = chunked.CHUNK // 2  # plain sums: the mask matmul is the work
+    if length > size and not torch.compiler.is_compiling():
+        chunks = Chunks.cut(reset, batch, length, x.device, size)
         levels = x.new_zeros(chunks.chunk_doc.shape + (1, 1))
         carry = Carry(levels, from_initial=(chunks.chunk_doc == 0).to(x.dtype).view(levels.shape))
         return _ChunkedSum.apply(x, initial, chunks, carry)
