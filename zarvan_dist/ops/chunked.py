@@ -38,8 +38,6 @@ GROUP = 64
 4 x as many with one level per position, where the decays are one small matmul)."""
 
 
-
-
 @functools.cache
 def _order(size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """[size, size] masks of positions (i, j): j <= i as float, j > i and j < i as bool."""
