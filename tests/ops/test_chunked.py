@@ -155,6 +155,25 @@ def test_chunked_pool_under_bfloat16_autocast_matches_naive(small_chunks, chunke
         assert g.dtype == torch.bfloat16 and rel_err(g, r) <= 1e-2
 
 
+@pytest.mark.parametrize("score_dim", [1, 6])
+def test_a_spread_of_600_across_chunks_stays_chunked_and_exact(small_chunks, chunked_calls, score_dim):
+    # the scores climb from -300 to 300 over the window: each chunk's max rises little, the running
+    # max at chunk ends a lot; the pairwise gates between chunks are exact at any spread
+    scores, values, initial, reset = pool_inputs(2, 150, 6, score_dim, spread=2.0)
+    scores = scores + torch.linspace(-300.0, 300.0, 150).view(1, -1, 1)
+    scores[1] = scores[1].flip(0)  # and falling: the first token's max holds to the end of its document
+    scores.requires_grad_()
+    out, (m, n, d) = prefix_softmax_pool(scores, values, initial, reset)
+    assert chunked_calls == [True]
+    ref, (rm, rn, rd) = naive_prefix_softmax_pool(scores, values, initial, reset)
+    assert torch.isfinite(out).all() and rel_err(out, ref) <= 1e-5 and torch.equal(m, rm)
+    assert rel_err(n, rn) <= 1e-5 and rel_err(d, rd) <= 1e-5
+    weight = torch.randn_like(out)
+    grad, = torch.autograd.grad((out * weight).sum(), scores)
+    ref_grad, = torch.autograd.grad((ref * weight).sum(), scores)
+    assert torch.isfinite(grad).all() and rel_err(grad, ref_grad) <= 1e-5
+
+
 @pytest.mark.parametrize("case", ["jump inside a chunk", "huge value"])
 def test_chunked_pool_hands_over_to_the_scan_where_float32_cannot_hold_it(small_chunks, chunked_calls, case):
     scores, values, initial, reset = pool_inputs(2, 40, 4, 4, spread=4.0)
