@@ -73,13 +73,8 @@ def pool_arguments(scores: Tensor, values: Tensor, initial_state: tuple[Tensor, 
         raise ValueError(f"scores {tuple(scores.shape)} do not match values {tuple(values.shape)}")
     if initial_state is None:
         initial_state = empty_softmax_state(batch, score_dim, width, values.device)
-    m0, n0, d0 = (as_float32(x) for x in initial_state)
+    m0, n0, d0 = (x.float() for x in initial_state)
     return score_dim, (m0, n0, d0)
-
-
-def as_float32(x: Tensor) -> Tensor:
-    """``x`` in float32 (itself when it is already)."""
-    return x if x.dtype == torch.float32 else x.float()
 
 
 def prefix_softmax_pool(
@@ -107,9 +102,8 @@ def prefix_softmax_pool(
     score_dim, (m0, n0, d0) = pool_arguments(scores, values, initial_state)
     if length == 0:
         return values.float(), (m0, n0, d0)
-    s, x = as_float32(scores), as_float32(values)
-    r = reset if reset is None or (reset.dtype == torch.bool and reset.device == x.device) else \
-        reset.to(device=x.device, dtype=torch.bool)
+    s, x = scores.float(), values.float()
+    r = reset.to(device=values.device, dtype=torch.bool) if reset is not None else None
     size = chunked.CHUNK if score_dim == width else chunked.CHUNK // 2
     if length > size and not torch.compiler.is_compiling():
         fwd = _chunked_forward(s, x, m0, n0, d0, r, size)
@@ -270,7 +264,7 @@ class _ChunkedPool(torch.autograd.Function):
                                                       ctx.needs_input_grad[2] or ctx.needs_input_grad[3])
             # back through the terms (w v, w)
             d_num, d_den = pairs.split(d_terms)
-            weights = torch.sub(s, fwd.reference).exp_()
+            weights = torch.sub(s, fwd.reference).exp_()  # recomputed: cheaper than keeping [B, T, S]
             d_x = weights * d_num
             d_weight = torch.addcmul(d_den, x, d_num) if pairs.per_channel else \
                 (x * d_num).sum(-1, keepdim=True).add_(d_den)
