@@ -28,7 +28,7 @@ Two forms compute it:
   matmul; the chunk totals are carried across chunks with the exact pairwise gates
   ``exp(M_j - M_i)`` (M the running max at chunk ends). Its backward is written out
   (``_ChunkedPool``). The number of calls does not grow with T up to 64 chunks (4,096 tokens;
-  a few more for each further factor 64): about 340 ATen events forward and backward at
+  a few more for each further factor 64): about 350 ATen events forward and backward at
   [1, 4096, 768], against ~2,150 for the reference (``benchmarks/bench_ops.py``). Its one limit
   is float32's range: a token whose running max lies ~90 or more below its chunk's R (the
   max jumped that much inside the chunk) would lose its terms to underflow, and values above
